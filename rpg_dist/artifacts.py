@@ -1,0 +1,88 @@
+"""Where each stage writes under ``run_dir``: one place, so stages and users agree on the layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rpg_dist import io
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """URIs of every artefact of a run; ``run_dir`` may be a local path or any fsspec URI."""
+
+    run_dir: str
+
+    def _at(self, *parts: str) -> str:
+        return io.join(self.run_dir, *parts)
+
+    # tokenize
+    @property
+    def embeddings(self) -> str:  # part-*.parquet: item_id int64, embedding fixed_size_list<float32>[D]
+        return self._at("embeddings")
+
+    @property
+    def tokenizer(self) -> str:
+        return self._at("tokenizer")
+
+    @property
+    def semantic_ids(self) -> str:  # item_id int64, codes fixed_size_list<int16>[m]
+        return self._at("tokenizer", "semantic_ids.parquet")
+
+    @property
+    def opq_index(self) -> str:
+        return self._at("tokenizer", "opq.faissindex")
+
+    @property
+    def tokenizer_stats(self) -> str:
+        return self._at("tokenizer", "stats.json")
+
+    # train
+    @property
+    def windows(self) -> str:  # training windows, part-*.parquet
+        return self._at("windows")
+
+    @property
+    def checkpoints(self) -> str:
+        return self._at("checkpoints")
+
+    @property
+    def model(self) -> str:
+        return self._at("model")
+
+    @property
+    def model_weights(self) -> str:  # safetensors; holds token_embeddings (m, codebook_size, d)
+        return self._at("model", "model.safetensors")
+
+    @property
+    def model_config(self) -> str:
+        return self._at("model", "config.json")
+
+    @property
+    def tensorboard(self) -> str:
+        return self._at("tb")
+
+    @property
+    def plots(self) -> str:
+        return self._at("plots")
+
+    # graph
+    @property
+    def graph(self) -> str:  # part-*.parquet: item_id int64, neighbors list<int64>, partition int32
+        return self._at("graph")
+
+    @property
+    def graph_manifest(self) -> str:
+        return self._at("graph", "manifest.json")
+
+    @property
+    def graph_stats(self) -> str:
+        return self._at("graph", "stats.json")
+
+    # evaluate / pipeline
+    @property
+    def metrics(self) -> str:
+        return self._at("metrics.json")
+
+    def stage_manifest(self, stage: str) -> str:
+        return self._at("stages", f"{stage}.json")

@@ -1,0 +1,211 @@
+"""``rpg-dist`` command line: parse, build, run, close. Stage logic lives in the stage modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rpg_dist.errors import RpgDistError
+
+STAGES = ("prepare", "tokenize", "train", "build-graph", "evaluate")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except RpgDistError as err:
+        print(f"rpg-dist {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rpg-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rpg-dist",
+        description="Train and serve RPG (long parallel semantic IDs) on Ray + DeepSpeed.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="import raw data into the dataset format")
+    p.add_argument("--format", required=True, choices=["s3rec", "amazon2014", "interactions"])
+    p.add_argument("--input", required=True, help="s3rec/amazon2014: a folder; interactions: the interactions file")
+    p.add_argument("--out", required=True, help="dataset URI to create (local, s3://, gs://, memory://)")
+    p.add_argument("--category", default="", help="amazon2014: category name, e.g. Beauty")
+    p.add_argument("--items", default="", help="interactions: items table (CSV or parquet)")
+    p.add_argument("--user-col", default="user_id", help="interactions: user column")
+    p.add_argument("--item-col", default="item_id", help="interactions: item column")
+    p.add_argument("--time-col", default="timestamp", help="interactions: timestamp column")
+    p.add_argument("--item-id-col", default="item_id", help="interactions: id column of the items table")
+    p.add_argument("--text-cols", default="title", help="interactions: comma-separated item text columns")
+    _add_storage_args(p)
+    p.set_defaults(handler=_prepare)
+
+    p = sub.add_parser("synth", help="generate a synthetic, learnable catalogue")
+    p.add_argument("--items", type=int, required=True, help="number of items")
+    p.add_argument("--users", type=int, required=True, help="number of users")
+    p.add_argument("--out", required=True, help="dataset URI to create")
+    p.add_argument("--seed", type=int, default=0)
+    _add_storage_args(p)
+    p.set_defaults(handler=_synth)
+
+    for name, helptext, handler in (
+        ("tokenize", "embed item texts and build OPQ semantic IDs (Ray)", _tokenize),
+        ("train", "train the RPG model with DeepSpeed (Ray Train or torchrun)", _train),
+        ("build-graph", "build and partition the item kNN graph (Ray)", _build_graph),
+        ("evaluate", "leave-one-out evaluation with graph decoding and full ranking", _evaluate),
+        ("run", "run every stage in order, skipping complete ones", _run),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        _add_config_args(p)
+        if name == "tokenize":
+            p.add_argument("--add", metavar="NEW_ITEMS_URI", help="encode new items with the trained OPQ")
+        if name == "run":
+            p.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
+                           help=f"redo this stage even if complete (one of {', '.join(STAGES)})")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("recommend", help="top-k items for item histories from a trained run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--history", required=True, action="append", help="comma-separated item ids (repeatable)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--full-ranking", action="store_true", help="score every item instead of graph decoding")
+    _add_storage_args(p)
+    p.set_defaults(handler=_recommend)
+
+    p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    _add_config_args(p)
+    p.add_argument("--wait", action="store_true", help="stream logs; exit with the job's status")
+    p.add_argument("--command", dest="job_command", default="run", choices=["run", *STAGES[1:]],
+                   help="rpg-dist command the job runs (default: run)")
+    p.set_defaults(handler=_submit)
+    return parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (path or URI)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=0.001 (repeatable)")
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint (else AWS_ENDPOINT_URL); credentials from the environment")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+
+
+def _storage(args: argparse.Namespace):
+    from rpg_dist.config import StorageConfig
+
+    return StorageConfig(endpoint_url=args.endpoint_url)
+
+
+def _config(args: argparse.Namespace):
+    from rpg_dist.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from rpg_dist.data.config import InteractionsColumns, PrepareConfig
+    from rpg_dist.data.importers import prepare
+
+    columns = InteractionsColumns(
+        user=args.user_col, item=args.item_col, timestamp=args.time_col,
+        item_id=args.item_id_col, text=[c for c in args.text_cols.split(",") if c],
+    )
+    cfg = PrepareConfig(format=args.format, input=args.input, category=args.category,
+                        items=args.items, columns=columns)
+    info = prepare(cfg, args.out, _storage(args), overwrite=args.overwrite)
+    _print_json(info.__dict__)
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from rpg_dist.data import importers, synth
+
+    raw = synth.generate(n_items=args.items, n_users=args.users, seed=args.seed)
+    info = importers.write(raw, args.out, source="synth", storage=_storage(args), overwrite=args.overwrite)
+    _print_json(info.__dict__)
+    return 0
+
+
+def _stage(fn: Callable) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        result = fn(args)
+        if result is not None:
+            _print_json(result)
+        return 0
+
+    return handler
+
+
+@_stage
+def _tokenize(args: argparse.Namespace):
+    from rpg_dist.tokenizer.stage import tokenize
+
+    return tokenize(_config(args), add=args.add)
+
+
+@_stage
+def _train(args: argparse.Namespace):
+    from rpg_dist.train.stage import train
+
+    return train(_config(args))
+
+
+@_stage
+def _build_graph(args: argparse.Namespace):
+    from rpg_dist.graph.stage import build_graph
+
+    return build_graph(_config(args))
+
+
+@_stage
+def _evaluate(args: argparse.Namespace):
+    from rpg_dist.evaluation.stage import evaluate
+
+    return evaluate(_config(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rpg_dist.pipeline import run_pipeline
+
+    run_pipeline(_config(args), force=args.force)
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from rpg_dist.recommend import Recommender, parse_history, print_recommendations
+
+    recommender = Recommender.load(args.run, _storage(args))
+    histories = [parse_history(h) for h in args.history]
+    results = recommender.recommend(histories, k=args.k, full_ranking=args.full_ranking)
+    print_recommendations(histories, results)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from launch.submit import submit
+
+    return submit(args.address, args.config, args.overrides, command=args.job_command, wait=args.wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Importers behind ``rpg-dist prepare``: raw public formats -> the dataset format.
+
+- ``s3rec``: ``sequences.txt`` (``user item item ...``) + ``items.jsonl`` (S3-Rec / P5 / RPG split).
+- ``amazon2014``: raw ``reviews_<Category>_5.json.gz`` + ``meta_<Category>.json.gz`` (McAuley et al.).
+  Meta lines are Python literals: parsed with ``ast.literal_eval``, never ``eval``.
+- ``interactions``: a CSV/parquet of (user, item, timestamp) plus an items table.
+
+Each importer returns ``(items, sequences, origins)``; ``write`` validates and commits them through
+``DatasetWriter`` so that every error names the input file and row.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from rpg_dist import io
+from rpg_dist.data import text as item_text
+from rpg_dist.data.dataset import DatasetInfo, DatasetWriter
+from rpg_dist.errors import DataError
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
+    from rpg_dist.data.config import InteractionsColumns, PrepareConfig
+
+# The paper's item text fields, in its order (RPG's AmazonReviews2014._extract_meta_sentences).
+AMAZON_TEXT_FIELDS = ("title", "price", "brand", "feature", "categories", "description")
+
+
+@dataclass
+class RawDataset:
+    """Item and sequence tables plus where their rows came from (for error messages)."""
+
+    items: pa.Table
+    sequences: pa.Table
+    items_origin: str
+    sequences_origin: str
+    # Row number of the first table row in its file (1 for line-numbered text files).
+    first_row: int = 1
+
+
+def prepare(cfg: PrepareConfig, out: str, storage: StorageConfig | None = None, overwrite: bool = False) -> DatasetInfo:
+    """Import ``cfg.input`` in ``cfg.format`` and commit the dataset at ``out``."""
+    from rpg_dist.data import synth
+
+    if cfg.format == "synth":
+        raw = synth.generate(n_items=cfg.n_items, n_users=cfg.n_users, seed=0)
+    elif cfg.format == "s3rec":
+        raw = read_s3rec(cfg.input, storage)
+    elif cfg.format == "amazon2014":
+        raw = read_amazon2014(cfg.input, cfg.category, storage)
+    else:
+        raw = read_interactions(cfg.input, cfg.items, cfg.columns, storage)
+    return write(raw, out, source=cfg.format, storage=storage, overwrite=overwrite)
+
+
+def write(raw: RawDataset, out: str, *, source: str, storage: StorageConfig | None = None, overwrite: bool = False) -> DatasetInfo:
+    """Validate ``raw`` and commit it at ``out`` (nothing is written at ``out`` on error)."""
+    with DatasetWriter(out, source=source, storage=storage, overwrite=overwrite) as writer:
+        writer.add_items(raw.items, origin=raw.items_origin, first_row=raw.first_row)
+        writer.add_sequences(raw.sequences, origin=raw.sequences_origin, first_row=raw.first_row)
+        return writer.commit()
+
+
+# --- s3rec -----------------------------------------------------------------------------------------
+
+
+def read_s3rec(folder: str, storage: StorageConfig | None = None) -> RawDataset:
+    """Read ``sequences.txt`` and ``items.jsonl``; item text = title. brand. categories."""
+    items_uri = io.join(folder, "items.jsonl")
+    seq_uri = io.join(folder, "sequences.txt")
+    records = _json_lines(_read_required(items_uri, storage), items_uri)
+    for line_no, record in enumerate(records, start=1):
+        if "item_id" not in record:
+            raise DataError(f"{items_uri}: line {line_no}: missing field 'item_id'")
+    ids = [r["item_id"] for r in records]
+    texts = [item_text.item_text(r.get(f) for f in ("title", "brand", "categories")) for r in records]
+    items = pa.table(
+        {
+            "item_id": _int_column(ids, items_uri, "item_id"),
+            "text": pa.array(texts, pa.string()),
+            "title": pa.array([_opt_str(r.get("title")) for r in records], pa.string()),
+            "brand": pa.array([_opt_str(r.get("brand")) for r in records], pa.string()),
+            "asin": pa.array([_opt_str(r.get("asin")) for r in records], pa.string()),
+        }
+    )
+    users, sequences = _id_lines(_read_required(seq_uri, storage).decode("utf-8"), seq_uri)
+    return RawDataset(
+        items=items,
+        sequences=pa.table({"user_id": pa.array(users, pa.int64()), "item_ids": sequences}),
+        items_origin=items_uri,
+        sequences_origin=seq_uri,
+    )
+
+
+def _id_lines(text: str, origin: str) -> tuple[np.ndarray, pa.ListArray]:
+    """Parse ``user item item ...`` lines into user ids and item-id lists (one split over the file)."""
+    lines = [line for line in text.splitlines()]
+    counts = np.fromiter((len(line.split()) for line in lines), np.int64, len(lines))
+    if len(lines) and (counts < 2).any():
+        row = int(np.flatnonzero(counts < 2)[0])
+        raise DataError(f"{origin}: line {row + 1}: expected 'user_id item_id [item_id ...]', got {lines[row]!r}")
+    try:
+        tokens = np.array(text.split(), dtype=np.int64)
+    except ValueError:
+        for line_no, line in enumerate(lines, start=1):
+            for field_no, token in enumerate(line.split()):
+                if not token.lstrip("-").isdigit():
+                    what = "user_id" if field_no == 0 else "item_ids"
+                    raise DataError(f"{origin}: line {line_no}: field '{what}' has non-integer value {token!r}")
+        raise
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    users = tokens[starts]
+    is_item = np.ones(len(tokens), bool)
+    is_item[starts] = False
+    offsets = np.concatenate([[0], np.cumsum(counts - 1)])
+    return users, pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(tokens[is_item]))
+
+
+# --- amazon2014 ------------------------------------------------------------------------------------
+
+
+def read_amazon2014(folder: str, category: str, storage: StorageConfig | None = None) -> RawDataset:
+    """Read the raw 2014 Amazon review + metadata dumps of one category.
+
+    Users are grouped by ``reviewerID`` and their reviews stable-sorted by ``unixReviewTime``. Ids are
+    dense from 1 in order of first appearance; the raw ASIN and reviewer ID stay as columns.
+    """
+    reviews_uri = io.join(folder, f"reviews_{category}_5.json.gz")
+    meta_uri = io.join(folder, f"meta_{category}.json.gz")
+    reviews = _literal_lines(_gunzip(_read_required(reviews_uri, storage), reviews_uri), reviews_uri)
+    for line_no, review in enumerate(reviews, start=1):
+        for field in ("reviewerID", "asin", "unixReviewTime"):
+            if field not in review:
+                raise DataError(f"{reviews_uri}: line {line_no}: missing field '{field}'")
+        if not isinstance(review["unixReviewTime"], int):
+            raise DataError(f"{reviews_uri}: line {line_no}: field 'unixReviewTime' is not an integer")
+    table = pa.table(
+        {
+            "user": pa.array([r["reviewerID"] for r in reviews], pa.string()),
+            "item": pa.array([r["asin"] for r in reviews], pa.string()),
+            "timestamp": pa.array([r["unixReviewTime"] for r in reviews], pa.int64()),
+        }
+    )
+    user_ids, item_codes, asins, sequences = _group_sequences(table, "user", "item", "timestamp")
+    meta: dict[str, tuple[int, dict[str, Any]]] = {}
+    meta_text = _gunzip(_read_required(meta_uri, storage), meta_uri)
+    for line_no, record in enumerate(_literal_lines(meta_text, meta_uri), start=1):
+        if "asin" not in record:
+            raise DataError(f"{meta_uri}: line {line_no}: missing field 'asin'")
+        meta[record["asin"]] = (line_no, record)
+    texts = []
+    for asin in asins:
+        if asin not in meta:
+            raise DataError(f"{meta_uri}: no metadata for item asin {asin!r} (reviewed in {reviews_uri})")
+        line_no, record = meta[asin]
+        texts.append(item_text.item_text(record.get(f) for f in AMAZON_TEXT_FIELDS))
+        if not texts[-1]:
+            raise DataError(f"{meta_uri}: line {line_no} (asin {asin!r}): fields {list(AMAZON_TEXT_FIELDS)} are all empty")
+    items = pa.table(
+        {
+            "item_id": pa.array(np.arange(1, len(asins) + 1), pa.int64()),
+            "text": pa.array(texts, pa.string()),
+            "asin": pa.array(asins, pa.string()),
+            "title": pa.array([_opt_str(meta[a][1].get("title")) for a in asins], pa.string()),
+        }
+    )
+    sequences = pa.table({"user_id": pa.array(user_ids, pa.int64()), "item_ids": sequences})
+    return RawDataset(items=items, sequences=sequences, items_origin=meta_uri, sequences_origin=reviews_uri)
+
+
+def _literal_lines(text: str, origin: str) -> list[dict[str, Any]]:
+    """One record per line: JSON, or a Python literal (the 2014 dumps) via ``ast.literal_eval``."""
+    records = []
+    for line_no, line in enumerate(text.rstrip().split("\n"), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            try:
+                record = ast.literal_eval(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise DataError(f"{origin}: line {line_no}: not a JSON object or Python literal") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{origin}: line {line_no}: expected an object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+# --- interactions ----------------------------------------------------------------------------------
+
+
+def read_interactions(
+    interactions_uri: str, items_uri: str, columns: InteractionsColumns, storage: StorageConfig | None = None
+) -> RawDataset:
+    """Generic (user, item, timestamp) interactions + an items table, column names configurable.
+
+    Integer user/item ids are kept; string ids get dense integers from 1 (in sorted order of the raw
+    ids, kept as ``raw_id``). Each user's items are stable-sorted by timestamp.
+    """
+    events = _read_table(interactions_uri, storage)
+    items = _read_table(items_uri, storage)
+    for name in (columns.user, columns.item, columns.timestamp):
+        _require(events, name, interactions_uri)
+    for name in (columns.item_id, *columns.text):
+        _require(items, name, items_uri)
+    raw_item_ids = items.column(columns.item_id)
+    if raw_item_ids.null_count:
+        row = int(np.flatnonzero(pc.is_null(raw_item_ids).to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{items_uri}: row {row}: field '{columns.item_id}' is null")
+    item_ids = _dense_ids(raw_item_ids, items_uri, columns.item_id)
+    text_columns = [items.column(c).to_pylist() for c in columns.text]
+    texts = [item_text.item_text(values) for values in zip(*text_columns)]
+    item_table = pa.table({"item_id": item_ids, "text": pa.array(texts, pa.string())})
+    if not pa.types.is_integer(raw_item_ids.type):
+        item_table = item_table.append_column("raw_id", pc.cast(raw_item_ids, pa.string()))
+    # Map each interaction's raw item to the dense id through the items table.
+    lookup = pc.index_in(events.column(columns.item), value_set=raw_item_ids.combine_chunks())
+    if lookup.null_count:
+        row = int(np.flatnonzero(pc.is_null(lookup).to_numpy(zero_copy_only=False))[0])
+        raise DataError(
+            f"{interactions_uri}: row {row}: field '{columns.item}' value "
+            f"{events.column(columns.item)[row].as_py()!r} is not in the items table {items_uri}"
+        )
+    mapped = pa.table(
+        {
+            "user": events.column(columns.user),
+            "item": pc.take(item_ids, lookup),
+            "timestamp": events.column(columns.timestamp),
+        }
+    )
+    user_codes, _, _, sequences = _group_sequences(mapped, "user", "item", "timestamp", origin=interactions_uri)
+    user_ids = user_codes if pa.types.is_integer(events.column(columns.user).type) else np.arange(1, len(user_codes) + 1)
+    return RawDataset(
+        items=item_table,
+        sequences=pa.table({"user_id": pa.array(user_ids, pa.int64()), "item_ids": sequences}),
+        items_origin=items_uri,
+        sequences_origin=interactions_uri,
+        first_row=0,
+    )
+
+
+def _dense_ids(column: pa.ChunkedArray, origin: str, field: str) -> pa.Array:
+    if pa.types.is_integer(column.type):
+        return pc.cast(column, pa.int64()).combine_chunks()
+    raw = column.to_numpy(zero_copy_only=False).astype(str)
+    uniq, inverse = np.unique(raw, return_inverse=True)
+    if len(uniq) != len(raw):
+        counts = np.bincount(inverse)
+        dup = uniq[np.flatnonzero(counts > 1)[0]]
+        raise DataError(f"{origin}: duplicate {field} {dup!r}")
+    return pa.array(inverse + 1, pa.int64())
+
+
+# --- shared helpers --------------------------------------------------------------------------------
+
+
+def _group_sequences(table: pa.Table, user: str, item: str, timestamp: str, origin: str = "") -> tuple[np.ndarray, np.ndarray, list, pa.ListArray]:
+    """Group rows by user (order of first appearance) with items stable-sorted by timestamp.
+
+    Returns (user keys, dense item codes, item keys in code order (1-based codes), item-id lists).
+    For string items the lists hold dense codes 1..n in order of first appearance; integer items
+    keep their values.
+    """
+    for name in (user, item, timestamp):
+        column = table.column(name)
+        if column.null_count:
+            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{origin or 'interactions'}: row {row}: field '{name}' is null")
+    users = table.column(user).to_numpy(zero_copy_only=False)
+    items = table.column(item).to_numpy(zero_copy_only=False)
+    times = table.column(timestamp).to_numpy(zero_copy_only=False)
+    user_keys, user_first, user_code = np.unique(users, return_index=True, return_inverse=True)
+    # Rank users by first appearance so output order follows the input file.
+    rank = np.empty(len(user_keys), np.int64)
+    rank[np.argsort(user_first, kind="stable")] = np.arange(len(user_keys))
+    user_rank = rank[user_code]
+    order = np.lexsort((np.arange(len(users)), times, user_rank))
+    if items.dtype.kind in "iu":
+        item_values, item_keys = items.astype(np.int64), []
+    else:
+        keys, first, code = np.unique(items, return_index=True, return_inverse=True)
+        appearance = np.argsort(first, kind="stable")
+        remap = np.empty(len(keys), np.int64)
+        remap[appearance] = np.arange(1, len(keys) + 1)
+        item_values, item_keys = remap[code], list(keys[appearance])
+    counts = np.bincount(user_rank, minlength=len(user_keys))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(item_values[order], pa.int64()))
+    ordered_users = user_keys[np.argsort(rank)]
+    return ordered_users, item_values, item_keys, lists
+
+
+def _read_required(uri: str, storage: StorageConfig | None) -> bytes:
+    try:
+        return io.read_bytes(uri, storage)
+    except FileNotFoundError:
+        raise DataError(f"{uri}: file not found") from None
+
+
+def _read_table(uri: str, storage: StorageConfig | None) -> pa.Table:
+    data = _read_required(uri, storage)
+    try:
+        if uri.endswith(".parquet"):
+            return pq.read_table(pa.BufferReader(data))
+        return pacsv.read_csv(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{uri}: unreadable table: {err}") from None
+
+
+def _require(table: pa.Table, name: str, origin: str) -> None:
+    if name not in table.column_names:
+        raise DataError(f"{origin}: missing column '{name}' (columns: {table.column_names})")
+
+
+def _gunzip(data: bytes, origin: str) -> str:
+    try:
+        return gzip.decompress(data).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise DataError(f"{origin}: not a readable gzip text file: {err}") from None
+
+
+def _json_lines(data: bytes, origin: str) -> list[dict[str, Any]]:
+    """One JSON object per line; record i is line i + 1 (blank lines only at the end)."""
+    records = []
+    for line_no, line in enumerate(data.decode("utf-8").rstrip().split("\n"), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{origin}: line {line_no}: invalid JSON: {err.msg}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{origin}: line {line_no}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+def _int_column(values: list[Any], origin: str, field: str) -> pa.Array:
+    for line_no, value in enumerate(values, start=1):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{origin}: line {line_no}: field '{field}' must be an integer, got {value!r}")
+    return pa.array(values, pa.int64())
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else item_text.clean(value) or None

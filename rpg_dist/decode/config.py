@@ -1,0 +1,30 @@
+"""Config of graph-constrained decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rpg_dist.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class DecodeConfig:
+    # b: items kept per query after each step.
+    num_beams: int = 20
+    # q: expansion steps over the graph.
+    steps: int = 3
+    # How the b start items are chosen: uniformly at random (the paper) or the most popular items.
+    start: Literal["random", "popular"] = "random"
+    seed: int = 0
+    batch_size: int = 256
+    # Decode through one Ray actor per graph partition instead of in this process.
+    sharded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ConfigError("num_beams: must be >= 1")
+        if self.steps < 0:
+            raise ConfigError("steps: must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size: must be >= 1")

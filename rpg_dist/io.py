@@ -1,0 +1,303 @@
+"""One URI-aware I/O layer: every artefact is read and written through fsspec here.
+
+URIs may be local paths, ``file://``, ``s3://``, ``gs://`` or ``memory://``. Storage options come from
+the config's ``storage`` section (``StorageConfig``), never from globals, so Ray workers on other nodes
+see the same endpoint and credentials.
+
+Writes are atomic: a reader sees the old object or the complete new one, never a torn file. Locally
+that is write-to-temporary-then-rename; object stores publish an object only when its upload
+completes, so we write in place and abort the upload on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from rpg_dist.errors import DataError, StorageError
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
+
+_REMOTE = ("s3", "s3a", "gs", "gcs")
+
+
+def protocol(uri: str) -> str:
+    """``"s3"`` for ``s3://b/k``, ``"file"`` for local paths."""
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options(uri: str, storage: StorageConfig | None) -> dict[str, Any]:
+    """fsspec keyword arguments for ``uri`` built from the ``storage`` config section."""
+    proto = protocol(uri)
+    if storage is None or proto not in _REMOTE:
+        return {}
+    opts: dict[str, Any] = {}
+    if proto in ("s3", "s3a"):
+        endpoint = storage.resolved_endpoint()
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        if storage.key is not None:
+            opts["key"] = storage.key
+        if storage.secret is not None:
+            opts["secret"] = storage.secret
+        if storage.region:
+            opts["client_kwargs"] = {"region_name": storage.region}
+        if storage.anon:
+            opts["anon"] = True
+        # Other processes write the same prefixes (Ray workers): never trust a cached listing.
+        opts["use_listings_cache"] = False
+    elif storage.anon:
+        opts["token"] = "anon"
+    opts.update(storage.options)
+    return opts
+
+
+def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    try:
+        return fsspec.core.url_to_fs(uri, **storage_options(uri, storage))
+    except (ImportError, ValueError) as err:
+        raise StorageError(f"{uri}: cannot open filesystem: {err}") from None
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig | None = None):
+    """A ``pyarrow.fs.FileSystem`` and path for ``uri`` (for Ray Data and pyarrow datasets)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, storage)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI components with ``/`` (also for local paths)."""
+    out = base.rstrip("/") if base not in ("/", "") else base
+    for part in parts:
+        out = posixpath.join(out, part.strip("/")) if out else part
+    return out
+
+
+def is_local(uri: str) -> bool:
+    return protocol(uri) in ("file", "local")
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return _call(uri, fs.exists, path)
+
+
+def list_files(folder: str, suffix: str = "", storage: StorageConfig | None = None) -> list[str]:
+    """Sorted URIs of the files directly under ``folder`` whose names end with ``suffix``."""
+    fs, path = filesystem(folder, storage)
+    if not _call(folder, fs.exists, path):
+        return []
+    names = [
+        posixpath.basename(p.rstrip("/"))
+        for p in _call(folder, fs.ls, path, detail=False)
+    ]
+    return sorted(
+        join(folder, n) for n in names if n.endswith(suffix) and not _is_temporary(n)
+    )
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    return _call(uri, fs.cat_file, path)
+
+
+def read_text(uri: str, storage: StorageConfig | None = None) -> str:
+    return read_bytes(uri, storage).decode("utf-8")
+
+
+def read_json(uri: str, storage: StorageConfig | None = None) -> Any:
+    text = read_text(uri, storage)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{uri}: invalid JSON at line {err.lineno}: {err.msg}") from None
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, storage: StorageConfig | None = None, mode: str = "wb") -> Iterator[Any]:
+    """Open ``uri`` for writing so that it appears complete or not at all.
+
+    Raises:
+        StorageError: the bucket is missing or the credentials are refused.
+    """
+    fs, path = filesystem(uri, storage)
+    if isinstance(fs, LocalFileSystem):
+        parent = posixpath.dirname(path)
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{posixpath.basename(path)}")
+        try:
+            with fs.open(tmp, mode) as handle:
+                yield handle
+            fs.mv(tmp, path)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        return
+    handle = _call(uri, fs.open, path, mode)
+    try:
+        yield handle
+    except BaseException:
+        # Abort the upload: an object store then publishes nothing.
+        with contextlib.suppress(Exception):
+            if hasattr(handle, "discard"):
+                handle.discard()
+        with contextlib.suppress(Exception):
+            if fs.exists(path):
+                fs.rm(path)
+        raise
+    _call(uri, handle.close)
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    with atomic_open(uri, storage) as handle:
+        handle.write(data)
+
+
+def write_text(uri: str, text: str, storage: StorageConfig | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), storage)
+
+
+def write_json(uri: str, obj: Any, storage: StorageConfig | None = None) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", storage)
+
+
+def write_parquet(table: pa.Table, uri: str, storage: StorageConfig | None = None, **kwargs: Any) -> None:
+    """Write ``table`` as one parquet file, atomically."""
+    with atomic_open(uri, storage) as handle:
+        pq.write_table(table, handle, **kwargs)
+
+
+def read_parquet(
+    uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Read one parquet file, or every ``*.parquet`` under a folder (in name order)."""
+    files = parquet_files(uri, storage)
+    tables = [_read_parquet_file(f, storage, columns) for f in files]
+    if not tables:
+        raise DataError(f"{uri}: no parquet files")
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def iter_parquet(
+    uri: str,
+    storage: StorageConfig | None = None,
+    columns: list[str] | None = None,
+    batch_size: int = 65_536,
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """Stream ``(file_uri, batch)`` over a parquet file or folder without loading it whole."""
+    for file_uri in parquet_files(uri, storage):
+        fs, path = filesystem(file_uri, storage)
+        with _call(file_uri, fs.open, path, "rb") as handle:
+            try:
+                reader = pq.ParquetFile(handle)
+                for batch in reader.iter_batches(batch_size=batch_size, columns=columns):
+                    yield file_uri, batch
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DataError(f"{file_uri}: unreadable parquet: {err}") from None
+
+
+def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """``[uri]`` for a file, the sorted ``*.parquet`` files for a folder."""
+    fs, path = filesystem(uri, storage)
+    if _call(uri, fs.isfile, path):
+        return [uri]
+    files = list_files(uri, ".parquet", storage)
+    if not files:
+        raise DataError(f"{uri}: no parquet files found")
+    return files
+
+
+def parquet_schema(uri: str, storage: StorageConfig | None = None) -> pa.Schema:
+    fs, path = filesystem(uri, storage)
+    with _call(uri, fs.open, path, "rb") as handle:
+        try:
+            return pq.read_schema(handle)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{uri}: unreadable parquet: {err}") from None
+
+
+def remove(uri: str, storage: StorageConfig | None = None, recursive: bool = True) -> None:
+    fs, path = filesystem(uri, storage)
+    if _call(uri, fs.exists, path):
+        _call(uri, fs.rm, path, recursive=recursive)
+
+
+def move(src: str, dst: str, storage: StorageConfig | None = None) -> None:
+    """Move a file or folder within one filesystem (a rename locally, copy + delete on S3)."""
+    fs, src_path = filesystem(src, storage)
+    _, dst_path = filesystem(dst, storage)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(dst_path), exist_ok=True)
+    _call(src, fs.mv, src_path, dst_path, recursive=True)
+
+
+def makedirs(uri: str, storage: StorageConfig | None = None) -> None:
+    fs, path = filesystem(uri, storage)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(path, exist_ok=True)
+
+
+def temporary_name(uri: str) -> str:
+    """A sibling of ``uri`` that listings skip, for staging a folder before committing it."""
+    parent, name = posixpath.split(uri.rstrip("/"))
+    return join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".tmp-") or name.startswith("_")
+
+
+def _read_parquet_file(uri: str, storage: StorageConfig | None, columns: list[str] | None) -> pa.Table:
+    fs, path = filesystem(uri, storage)
+    with _call(uri, fs.open, path, "rb") as handle:
+        try:
+            return pq.read_table(handle, columns=columns)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{uri}: unreadable parquet: {err}") from None
+
+
+def _call(uri: str, fn, *args: Any, **kwargs: Any) -> Any:
+    """Run one storage call with retries on transient errors and clear errors on fatal ones."""
+    delay = 0.5
+    for attempt in range(4):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError as err:
+            if _missing_bucket(err):
+                raise StorageError(f"{uri}: bucket {_bucket(uri)!r} does not exist") from None
+            raise
+        except PermissionError as err:
+            raise StorageError(
+                f"{uri}: access denied ({err}); check storage.key / storage.secret "
+                "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and storage.endpoint_url"
+            ) from None
+        except (ConnectionError, TimeoutError) as err:
+            if attempt == 3:
+                raise StorageError(f"{uri}: storage unreachable after 4 attempts: {err}") from None
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0] if "://" in uri else ""
+
+
+def _missing_bucket(err: FileNotFoundError) -> bool:
+    return "NoSuchBucket" in str(err) or "bucket does not exist" in str(err).lower()

@@ -1,0 +1,37 @@
+"""Connecting to Ray: a local instance by default, or the cluster at ``ray.address``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rpg_dist.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once per process (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers import rpg_dist from this interpreter's environment; nothing else needs shipping.
+    kwargs = {"namespace": cfg.namespace, "log_to_driver": True, "configure_logging": False}
+    if cfg.address:
+        ray.init(address=cfg.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    log.info("ray: %s, resources %s", cfg.address or "local", ray.cluster_resources())
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
