@@ -147,8 +147,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _stage(fn: Callable) -> Callable[[argparse.Namespace], int]:
+    """Load the config first (bad configs fail fast, before heavy imports), then run the stage."""
+
     def handler(args: argparse.Namespace) -> int:
-        result = fn(args)
+        result = fn(_config(args), args)
         if result is not None:
             _print_json(result)
         return 0
@@ -157,37 +159,38 @@ def _stage(fn: Callable) -> Callable[[argparse.Namespace], int]:
 
 
 @_stage
-def _tokenize(args: argparse.Namespace):
+def _tokenize(cfg, args: argparse.Namespace):
     from rpg_dist.tokenizer.stage import tokenize
 
-    return tokenize(_config(args), add=args.add)
+    return tokenize(cfg, add=args.add)
 
 
 @_stage
-def _train(args: argparse.Namespace):
+def _train(cfg, args: argparse.Namespace):
     from rpg_dist.train.stage import train
 
-    return train(_config(args))
+    return train(cfg)
 
 
 @_stage
-def _build_graph(args: argparse.Namespace):
+def _build_graph(cfg, args: argparse.Namespace):
     from rpg_dist.graph.stage import build_graph
 
-    return build_graph(_config(args))
+    return build_graph(cfg)
 
 
 @_stage
-def _evaluate(args: argparse.Namespace):
+def _evaluate(cfg, args: argparse.Namespace):
     from rpg_dist.evaluation.stage import evaluate
 
-    return evaluate(_config(args))
+    return evaluate(cfg)
 
 
 def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from rpg_dist.pipeline import run_pipeline
 
-    run_pipeline(_config(args), force=args.force)
+    run_pipeline(cfg, force=args.force)
     return 0
 
 

@@ -157,6 +157,8 @@ def atomic_open(uri: str, storage: StorageConfig | None = None, mode: str = "wb"
         with contextlib.suppress(Exception):
             if hasattr(handle, "discard"):
                 handle.discard()
+                # A discarded buffer cannot be flushed: mark it closed so __del__ does not try.
+                handle.closed = True
         with contextlib.suppress(Exception):
             if fs.exists(path):
                 fs.rm(path)
@@ -239,12 +241,19 @@ def remove(uri: str, storage: StorageConfig | None = None, recursive: bool = Tru
 
 
 def move(src: str, dst: str, storage: StorageConfig | None = None) -> None:
-    """Move a file or folder within one filesystem (a rename locally, copy + delete on S3)."""
+    """Move a file or folder within one filesystem (a rename locally, copy + delete elsewhere)."""
     fs, src_path = filesystem(src, storage)
     _, dst_path = filesystem(dst, storage)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(posixpath.dirname(dst_path), exist_ok=True)
-    _call(src, fs.mv, src_path, dst_path, recursive=True)
+        _call(src, fs.mv, src_path, dst_path, recursive=True)
+        return
+    # Object stores have no folders: copy every object under the prefix, then delete the source.
+    files = _call(src, fs.find, src_path) if _call(src, fs.isdir, src_path) else [src_path]
+    for file in files:
+        relative = posixpath.relpath(file, src_path) if file != src_path else ""
+        _call(src, fs.copy, file, posixpath.join(dst_path, relative) if relative else dst_path)
+    _call(src, fs.rm, src_path, recursive=True)
 
 
 def makedirs(uri: str, storage: StorageConfig | None = None) -> None:
@@ -287,12 +296,25 @@ def _call(uri: str, fn, *args: Any, **kwargs: Any) -> Any:
                 f"{uri}: access denied ({err}); check storage.key / storage.secret "
                 "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and storage.endpoint_url"
             ) from None
-        except (ConnectionError, TimeoutError) as err:
+        except _transient_errors() as err:
             if attempt == 3:
                 raise StorageError(f"{uri}: storage unreachable after 4 attempts: {err}") from None
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth retrying: connection resets, timeouts, unreachable endpoints."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import ReadTimeoutError
+
+        errors += [BotoConnectionError, ReadTimeoutError]
+    except ImportError:  # s3fs not installed: nothing boto-specific to catch
+        pass
+    return tuple(errors)
 
 
 def _bucket(uri: str) -> str:

@@ -81,42 +81,75 @@ def ray_local():
     yield ray
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 server (``moto_server``) on 127.0.0.1:PORT; yields the endpoint URL.
-
-    Credentials are ``testing``/``testing`` in us-east-1; the server is stopped by pid at the end.
-    """
+def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``moto_server`` on a free loopback port; returns (process, endpoint URL)."""
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(extra_env or {})},
     )
-    endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto_server did not start")
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    yield endpoint
+    proc.kill()
+    pytest.fail("moto_server did not start within 30 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (``moto_server``) on 127.0.0.1:PORT; yields the endpoint URL.
+
+    Credentials are ``testing``/``testing`` in us-east-1 (set in the environment, so Ray workers and
+    subprocesses inherit them); the server is stopped by pid at the end.
+    """
+    proc, endpoint = _start_moto()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    _stop(proc)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_secured():
+    """A moto S3 server that checks credentials (IAM); yields (endpoint, bucket, key, secret).
+
+    moto enforces authentication after ``INITIAL_NO_AUTH_ACTION_COUNT`` unauthenticated calls: the
+    first calls create an IAM user, its access key and the bucket; later calls must sign correctly.
+    """
+    import json
+
+    import boto3
+
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="rpg")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="rpg", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="rpg")["AccessKey"]
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+                 aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket="secured")
+    yield endpoint, "secured", key["AccessKeyId"], key["SecretAccessKey"]
+    _stop(proc)
 
 
 @pytest.fixture()

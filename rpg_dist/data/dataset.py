@@ -190,9 +190,9 @@ class DatasetWriter:
         io.remove(self._staging, self.storage)
 
     def _finish_items(self) -> np.ndarray:
-        if not self._item_ids:
+        ids = np.concatenate(self._item_ids) if self._item_ids else np.empty(0, np.int64)
+        if len(ids) == 0:
             raise DataError(f"{self.uri}: empty dataset: no items")
-        ids = np.concatenate(self._item_ids)
         _check_unique(ids, self._item_origin, [len(i) for i in self._item_ids], "item_id")
         return np.sort(ids)
 
@@ -206,7 +206,7 @@ class DatasetWriter:
 def _check_items(table: pa.Table, origin: str, first_row: int) -> pa.Table:
     """Cast ``item_id`` to int64 and reject null ids and null/empty text, naming the row."""
     table = _require_column(table, "item_id", ITEM_ID_TYPE, origin, first_row)
-    table = _require_column(table, "text", pa.string(), origin, first_row)
+    table = _require_column(table, "text", pa.string(), origin, first_row, allow_null=True)
     text = table.column("text")
     empty = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0))
     bad = np.flatnonzero(pc.fill_null(empty, True).to_numpy(zero_copy_only=False))
@@ -245,14 +245,16 @@ def _check_sequences(table: pa.Table, known: np.ndarray, origin: str, first_row:
     return table.set_column(table.schema.get_field_index("item_ids"), "item_ids", lists)
 
 
-def _require_column(table: pa.Table, name: str, type_: pa.DataType, origin: str, first_row: int) -> pa.Table:
-    """Require column ``name`` of a compatible type and without nulls; cast it to ``type_``."""
+def _require_column(
+    table: pa.Table, name: str, type_: pa.DataType, origin: str, first_row: int, allow_null: bool = False
+) -> pa.Table:
+    """Require column ``name`` of a compatible type (and without nulls); cast it to ``type_``."""
     if name not in table.column_names:
         raise DataError(f"{origin}: missing column '{name}' (columns: {table.column_names})")
     column = table.column(name)
     if not _compatible(column.type, type_):
         raise DataError(f"{origin}: field '{name}' has type {column.type}, expected {type_}")
-    if column.null_count:
+    if column.null_count and not allow_null:
         row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{origin}: row {first_row + row}: field '{name}' is null")
     if column.type != type_:

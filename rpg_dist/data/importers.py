@@ -174,7 +174,13 @@ def read_amazon2014(folder: str, category: str, storage: StorageConfig | None = 
             "title": pa.array([_opt_str(meta[a][1].get("title")) for a in asins], pa.string()),
         }
     )
-    sequences = pa.table({"user_id": pa.array(user_ids, pa.int64()), "item_ids": sequences})
+    sequences = pa.table(
+        {
+            "user_id": pa.array(np.arange(1, len(user_ids) + 1), pa.int64()),
+            "item_ids": sequences,
+            "reviewer_id": pa.array(user_ids.astype(str), pa.string()),
+        }
+    )
     return RawDataset(items=items, sequences=sequences, items_origin=meta_uri, sequences_origin=reviews_uri)
 
 
@@ -256,7 +262,7 @@ def _dense_ids(column: pa.ChunkedArray, origin: str, field: str) -> pa.Array:
     if len(uniq) != len(raw):
         counts = np.bincount(inverse)
         dup = uniq[np.flatnonzero(counts > 1)[0]]
-        raise DataError(f"{origin}: duplicate {field} {dup!r}")
+        raise DataError(f"{origin}: duplicate {field} {str(dup)!r}")
     return pa.array(inverse + 1, pa.int64())
 
 

@@ -147,7 +147,11 @@ def _sequences(n_users, catalogue, leaves, rng, mean_length, max_length) -> tupl
         leaf = np.where(draw < P_COMPLEMENT, comp, np.where(draw < P_COMPLEMENT + P_SAME_TYPE, leaf, pref))
         key = leaf * len(catalogue["brand_names"]) + catalogue["brand"][item]
         loyal = (rng.random(n_users) < P_SAME_BRAND) & by_leaf_brand.has(key)
+        previous = item
         item = np.where(loyal, by_leaf_brand.sample(np.where(loyal, key, by_leaf_brand.keys[0]), rng), by_leaf.sample(leaf, rng))
+        # One redraw when the walk picked the item it is on (buying the same item twice is rare).
+        again = item == previous
+        item[again] = by_leaf.sample(leaf[again], rng)
         steps[:, t] = item
     mask = np.arange(steps.shape[1])[None, :] < lengths[:, None]
     return lengths, steps[mask]

@@ -9,6 +9,7 @@ from typing import Any
 
 _TAGS = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:])")
 # Placeholders in raw metadata that carry no information about the item.
 _EMPTY_VALUES = {"", "unknown", "none", "null", "n/a", "nan"}
 
@@ -16,6 +17,7 @@ _EMPTY_VALUES = {"", "unknown", "none", "null", "n/a", "nan"}
 def clean(value: Any) -> str:
     """Unescape HTML, drop tags, collapse whitespace; '' for placeholder values."""
     text = _SPACE.sub(" ", _TAGS.sub(" ", html.unescape(str(value)))).strip()
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
     return "" if text.lower() in _EMPTY_VALUES else text
 
 

@@ -1,0 +1,123 @@
+"""Typed configs: strict YAML loading, typed overrides, field-naming errors, every shipped config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rpg_dist.config import Config, config_from_dict, load_config
+from rpg_dist.configlib import fingerprint, to_dict, to_yaml
+from rpg_dist.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+MINIMAL = {"dataset": "d", "run_dir": "r"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(str(path))
+    assert isinstance(cfg, Config)
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "beauty.yaml"} <= names
+
+
+def test_beauty_config_has_the_paper_hyperparameters():
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "beauty.yaml"))
+    assert (cfg.train.lr, cfg.model.temperature, cfg.tokenize.n_digit, cfg.tokenize.codebook_size) == (0.01, 0.03, 32, 256)
+    assert (cfg.decode.num_beams, cfg.graph.n_edges, cfg.decode.steps, cfg.train.batch_size) == (20, 200, 3, 256)
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.d_ffn, cfg.model.max_seq_len) == (2, 448, 4, 1024, 50)
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\nrun_dir: r\n")
+    cfg = load_config(
+        str(path),
+        ["train.lr=1e-3", "train.epochs=3", "train.use_gpu=true", "graph.mode=approx",
+         "ray.address=null", "eval.ks=[1, 5, 20]", "run_dir=s3://bucket/123", "decode.num_beams=25"],
+    )
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3 and cfg.train.use_gpu is True
+    assert cfg.graph.mode == "approx" and cfg.ray.address is None
+    assert cfg.eval.ks == [1, 5, 20] and cfg.run_dir == "s3://bucket/123"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "train has no key 'lrr'; valid keys are ['adam_beta1'"),
+        (["trainn.lr=1"], "<root> has no key 'trainn'"),
+        (["train.lr=fast"], "train.lr: expected a number, got 'fast'"),
+        (["train.epochs=2.5"], "train.epochs: expected an integer"),
+        (["graph.mode=fast"], "graph.mode: 'fast' is not one of ['exact', 'approx']"),
+        (["train.use_gpu=maybe"], "train.use_gpu: expected true/false"),
+        (["train.lr"], "expected KEY=VALUE"),
+        (["train=1"], "train: expected a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(tmp_path, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\nrun_dir: r\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\nrun_dir: r\nmodel:\n  d_modle: 64\n")
+    with pytest.raises(ConfigError, match=r"model: unknown key\(s\) \['d_modle'\]; valid keys are .*'d_model'"):
+        load_config(str(path))
+
+
+def test_missing_required_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: d\n")
+    with pytest.raises(ConfigError, match="run_dir: required key is missing"):
+        load_config(str(path))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train": {"batch_size": 100, "num_workers": 3}}, "train.batch_size: 100 is not divisible by micro_batch_size (33) x num_workers (3)"),
+        ({"train": {"batch_size": 256, "micro_batch_size": 48, "num_workers": 2}}, "train.batch_size: 256 is not divisible by micro_batch_size (48)"),
+        ({"decode": {"num_beams": 5}}, "decode.num_beams: 5 is smaller than the largest eval.ks (10)"),
+        ({"model": {"d_model": 100, "n_head": 3}}, "model.d_model: 100 is not divisible by n_head (3)"),
+        ({"tokenize": {"n_digit": 12}}, "tokenize.n_digit: 12 must be one of 8, 16, 32, 64"),
+        ({"tokenize": {"pca_dim": 100}}, "tokenize.pca_dim: 100 is not divisible by n_digit (32)"),
+        ({"prepare": {"format": "amazon2014", "input": "x"}}, "prepare.category: required"),
+        ({"model": {"embd_dropout": 1.5}}, "model.embd_dropout: must be in [0, 1)"),
+    ],
+)
+def test_cross_field_rules_name_the_field(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MINIMAL, **data})
+    assert message in str(err.value)
+
+
+def test_gradient_accumulation_is_derived():
+    cfg = config_from_dict({**MINIMAL, "train": {"batch_size": 256, "micro_batch_size": 32, "num_workers": 2}})
+    assert cfg.train.grad_accum_steps == 4
+
+
+def test_fingerprint_tracks_content():
+    a = config_from_dict(MINIMAL)
+    b = config_from_dict({**MINIMAL, "model": {"d_model": 64}})
+    assert fingerprint(a.model) == fingerprint(config_from_dict(MINIMAL).model)
+    assert fingerprint(a.model) != fingerprint(b.model)
+    assert "d_model: 448" in to_yaml(a)

@@ -1,0 +1,112 @@
+"""The URI-aware I/O layer on a local disk, in memory and on a real S3 server (moto) on loopback."""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+import pytest
+
+from rpg_dist import io
+from rpg_dist.config import StorageConfig
+from rpg_dist.errors import DataError, StorageError
+
+
+def _roundtrip(base: str, storage: StorageConfig | None = None) -> None:
+    io.write_json(io.join(base, "a", "meta.json"), {"x": 1}, storage)
+    assert io.read_json(io.join(base, "a", "meta.json"), storage) == {"x": 1}
+    table = pa.table({"item_id": pa.array([3, 1, 2], pa.int64()), "text": ["c", "a", "b"]})
+    io.write_parquet(table.slice(0, 2), io.join(base, "t", "part-00000.parquet"), storage)
+    io.write_parquet(table.slice(2), io.join(base, "t", "part-00001.parquet"), storage)
+    assert io.read_parquet(io.join(base, "t"), storage).equals(table)
+    batches = [b for _, b in io.iter_parquet(io.join(base, "t"), storage, batch_size=1)]
+    assert sum(len(b) for b in batches) == 3
+    assert [u.rsplit("/", 1)[1] for u in io.list_files(io.join(base, "t"), ".parquet", storage)] == [
+        "part-00000.parquet", "part-00001.parquet",
+    ]
+    io.remove(io.join(base, "t"), storage)
+    assert not io.exists(io.join(base, "t"), storage)
+
+
+def test_local_roundtrip(tmp_path):
+    _roundtrip(str(tmp_path))
+    _roundtrip("file://" + str(tmp_path / "viaurl"))
+
+
+def test_memory_roundtrip():
+    _roundtrip(f"memory://io-test-{uuid.uuid4().hex[:8]}")
+
+
+def test_s3_roundtrip(s3_bucket):
+    endpoint, bucket = s3_bucket
+    _roundtrip(f"s3://{bucket}/prefix", StorageConfig(endpoint_url=endpoint))
+
+
+def test_failed_local_write_leaves_old_file_intact(tmp_path):
+    target = str(tmp_path / "x.json")
+    io.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_open(target) as handle:
+            handle.write(b'{"v": 2, "trunc')
+            raise RuntimeError("crash mid-write")
+    assert io.read_json(target) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary left behind
+
+
+def test_failed_s3_write_publishes_nothing(s3_bucket):
+    endpoint, bucket = s3_bucket
+    storage = StorageConfig(endpoint_url=endpoint)
+    target = f"s3://{bucket}/half.bin"
+    with pytest.raises(RuntimeError):
+        with io.atomic_open(target, storage) as handle:
+            handle.write(b"x" * 1024)
+            raise RuntimeError("crash mid-upload")
+    assert not io.exists(target, storage)
+
+
+def test_missing_bucket_is_a_clear_error(s3_bucket):
+    endpoint, _ = s3_bucket
+    storage = StorageConfig(endpoint_url=endpoint)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        io.write_json("s3://no-such-bucket/x.json", {}, storage)
+
+
+@pytest.mark.parametrize("wrong", ["key", "secret"])
+def test_wrong_credentials_are_a_clear_error(s3_secured, wrong):
+    endpoint, bucket, key, secret = s3_secured
+    good = StorageConfig(endpoint_url=endpoint, key=key, secret=secret)
+    io.write_json(f"s3://{bucket}/ok.json", {"v": 1}, good)
+    bad = StorageConfig(endpoint_url=endpoint, key="AKIAWRONGKEY" if wrong == "key" else key,
+                        secret="wrong" if wrong == "secret" else secret)
+    for action in (lambda: io.read_json(f"s3://{bucket}/ok.json", bad),
+                   lambda: io.write_json(f"s3://{bucket}/new.json", {}, bad)):
+        with pytest.raises(StorageError, match="access denied .*check storage.key / storage.secret"):
+            action()
+    assert not io.exists(f"s3://{bucket}/new.json", good)
+
+
+def test_unreachable_endpoint_is_a_storage_error():
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9", options={"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
+    with pytest.raises(StorageError, match="storage unreachable after 4 attempts"):
+        io.read_bytes("s3://bucket/x", storage)
+
+
+def test_truncated_parquet_names_the_file(tmp_path):
+    good = tmp_path / "good.parquet"
+    io.write_parquet(pa.table({"a": list(range(1000))}), str(good))
+    bad = tmp_path / "part-00000.parquet"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"part-00000.parquet: unreadable parquet"):
+        io.read_parquet(str(bad))
+    with pytest.raises(DataError, match=r"part-00000.parquet: unreadable parquet"):
+        list(io.iter_parquet(str(bad)))
+
+
+def test_storage_options_from_config_and_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:1")
+    opts = io.storage_options("s3://b/k", StorageConfig(region="eu-west-1"))
+    assert opts["endpoint_url"] == "http://env:1"
+    assert opts["client_kwargs"] == {"region_name": "eu-west-1"}
+    explicit = io.storage_options("s3://b/k", StorageConfig(endpoint_url="http://cfg:2", key="k", secret="s"))
+    assert (explicit["endpoint_url"], explicit["key"], explicit["secret"]) == ("http://cfg:2", "k", "s")
+    assert io.storage_options("/local/path", StorageConfig(endpoint_url="http://x")) == {}
