@@ -1,0 +1,115 @@
+"""The exported model: ``RUN_DIR/model/model.safetensors`` + ``RUN_DIR/model/config.json``.
+
+The weights file holds plain tensors (``token_embeddings`` is the (m, V, d) table used for scoring
+and graph building); ``config.json`` holds what rebuilds the module and a fingerprint of the
+semantic IDs it was trained on. The item code table itself is not exported: ``load_model`` reads it
+from ``RUN_DIR/tokenizer/semantic_ids.parquet`` and refuses codes that differ from the training ones.
+No deepspeed, no pickle: loading needs only torch and safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from rpg_dist import configlib, io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.errors import StageError
+from rpg_dist.model.config import ModelConfig
+from rpg_dist.model.rpg import RPG
+from rpg_dist.tokenizer.semantic_ids import SemanticIds, load_semantic_ids
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
+
+FORMAT_VERSION = 1
+
+
+def semantic_ids_fingerprint(semantic_ids: SemanticIds) -> str:
+    """sha256 of the item ids and their codes: a model is only valid with the codes it learned."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(semantic_ids.index.item_ids, np.int64).tobytes())
+    digest.update(np.ascontiguousarray(semantic_ids.codes, np.int16).tobytes())
+    return digest.hexdigest()
+
+
+def model_metadata(model: RPG, tokenizer_fingerprint: str, **extra: Any) -> dict[str, Any]:
+    """The ``config.json`` content for ``model`` (also the identity a checkpoint is checked against)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model.cfg),
+        "n_digit": model.n_digit,
+        "codebook_size": model.codebook_size,
+        "n_items": model.n_items,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        **extra,
+    }
+
+
+def save_model(
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    run_dir: str,
+    storage: StorageConfig | None = None,
+) -> None:
+    """Write the weights, then ``config.json`` (the commit marker), each atomically.
+
+    Args:
+        state_dict: the model's parameters (``RPG.state_dict()``, or a gathered ZeRO-3 copy).
+        metadata: from ``model_metadata`` (plus any training summary fields).
+        run_dir: the run folder (local path or fsspec URI).
+    """
+    paths = RunPaths(run_dir)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    if "token_embeddings" not in tensors:
+        raise ValueError("state_dict has no 'token_embeddings'")
+    # Remove the old marker first: a crash between the two writes leaves "no model", never a
+    # config that describes other weights.
+    io.remove(paths.model_config, storage)
+    io.write_bytes(paths.model_weights, save_safetensors(tensors), storage)
+    io.write_json(paths.model_config, metadata, storage)
+
+
+def read_model_metadata(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """``config.json`` of the exported model.
+
+    Raises:
+        StageError: no (complete) exported model under ``run_dir``.
+    """
+    uri = RunPaths(run_dir).model_config
+    if not io.exists(uri, storage):
+        raise StageError(f"{uri}: no trained model; run `rpg-dist train` first")
+    meta = io.read_json(uri, storage)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StageError(f"{uri}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+    return meta
+
+
+def load_model(run_dir: str, storage: StorageConfig | None = None, device: str | torch.device = "cpu") -> RPG:
+    """The exported RPG in eval mode on ``device``, with item codes from the run's semantic IDs.
+
+    Raises:
+        StageError: the model or semantic IDs are missing, or the semantic IDs changed since training.
+    """
+    paths = RunPaths(run_dir)
+    meta = read_model_metadata(run_dir, storage)
+    semantic_ids = load_semantic_ids(paths.semantic_ids, storage)
+    if semantic_ids_fingerprint(semantic_ids) != meta["tokenizer_fingerprint"]:
+        raise StageError(
+            f"{paths.semantic_ids}: semantic IDs differ from the ones {paths.model_config} was trained "
+            "on (tokenizer_fingerprint mismatch); retrain with `rpg-dist train`"
+        )
+    cfg = configlib.build(ModelConfig, meta["model"])
+    codes = torch.from_numpy(semantic_ids.codes)
+    model = RPG(cfg, meta["n_digit"], meta["codebook_size"], codes)
+    state = load_safetensors(io.read_bytes(paths.model_weights, storage))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StageError(f"{paths.model_weights}: missing tensors {missing}, unexpected {unexpected}")
+    return model.to(device).eval()

@@ -1,0 +1,248 @@
+"""RPG's parallel-ID transformer: a GPT-2 style causal decoder with m tied cosine heads.
+
+Pure torch: no ray, deepspeed or torch.distributed here, so the same module trains under any
+launcher and loads for serving on a bare CPU.
+
+Shapes used below: B sequences padded to T positions; P = the real (unpadded) positions of a batch;
+N = positions that carry a label; m = n_digit; V = codebook_size; d = d_model; H = n_head.
+
+The transformer runs on *packed* tokens: every per-position layer (layer norms, projections, MLP)
+sees only the P real positions, and only attention scatters them into a (B, T) grid. Beauty's
+windows average ~11.5 inputs of at most 50, so packing does about a quarter of the work of padding
+every window to 50 (the reference code), while computing exactly the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rpg_dist.model.config import ModelConfig
+
+# Item tensors are right-padded; positions at or after a sequence's length are never read, and by
+# convention hold PAD. In `targets`, PAD marks a position without a label.
+PAD = -1
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the P real positions of a right-padded (B, T) batch sit.
+
+    index: (P,) flat position b * T + t of each real token, in row-major order.
+    positions: (P,) t, the token's position inside its sequence.
+    """
+
+    batch: int
+    length: int
+    index: torch.Tensor
+    positions: torch.Tensor
+
+    @staticmethod
+    def from_lengths(lengths: torch.Tensor, length: int) -> Packing:
+        """Packing of sequences with ``lengths`` (B,) in a grid of ``length`` positions."""
+        grid = torch.arange(length, device=lengths.device)
+        mask = grid.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        index = mask.reshape(-1).nonzero().squeeze(1)  # (P,)
+        return Packing(batch=lengths.shape[0], length=length, index=index, positions=index % length)
+
+    def last_index(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) packed row of each sequence's last real position (lengths must be >= 1)."""
+        return torch.cumsum(lengths, 0) - 1
+
+
+class Block(nn.Module):
+    """Pre-LN GPT-2 block on packed tokens: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_head = cfg.n_head
+        self.attn_dropout = cfg.attn_dropout
+        self.ln_1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.fc = nn.Linear(d, cfg.d_ffn)
+        self.mlp_proj = nn.Linear(cfg.d_ffn, d)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn_proj(self._attention(self.ln_1(x), packing)))
+        # GPT-2's "gelu_new" is the tanh approximation.
+        h = F.gelu(self.fc(self.ln_2(x)), approximate="tanh")
+        return x + self.resid_dropout(self.mlp_proj(h))
+
+    def _attention(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Causal self-attention of packed (P, d) tokens within their own sequence."""
+        p, d = x.shape
+        b, t, h = packing.batch, packing.length, self.n_head
+        qkv = self.qkv(x)  # (P, 3d)
+        # Right padding plus the causal mask means a real query never sees a pad key, so the grid's
+        # zero rows need no extra mask.
+        grid = qkv.new_zeros(b * t, 3 * d).index_copy(0, packing.index, qkv)
+        q, k, v = grid.view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d/H)
+        dropout = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        out = out.transpose(1, 2).reshape(b * t, d)  # (B*T, d)
+        return out.index_select(0, packing.index)  # (P, d)
+
+
+class RPG(nn.Module):
+    """RPG: predicts all m digits of the next item's semantic ID in parallel.
+
+    An item's input vector is the mean of its m token embeddings; the decoder's state at a position
+    feeds m residual heads ``x + SiLU(W_k x + b_k)``, and the logit of token j of digit k is
+    ``cos(state_k, token_embeddings[k, j]) / temperature`` (the output table is the input table).
+
+    Args:
+        cfg: the model config.
+        n_digit: m, digits per semantic ID.
+        codebook_size: V, tokens per digit.
+        item_codes: (n_items, m) token of each dense item row in each digit, values in [0, V).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_digit: int, codebook_size: int, item_codes: torch.Tensor) -> None:
+        super().__init__()
+        if item_codes.dim() != 2 or item_codes.shape[1] != n_digit:
+            raise ValueError(f"item_codes: expected shape (n_items, {n_digit}), got {tuple(item_codes.shape)}")
+        self.cfg = cfg
+        self.n_digit = n_digit
+        self.codebook_size = codebook_size
+        d = cfg.d_model
+        # Not saved with the weights: the codes come from the tokenizer's semantic_ids.parquet.
+        self.register_buffer("item_codes", item_codes.to(torch.int16), persistent=False)
+        # Offset of digit k's block in the flattened (m*V, d) token table.
+        self.register_buffer("digit_offsets", torch.arange(n_digit) * codebook_size, persistent=False)
+        self.token_embeddings = nn.Parameter(torch.empty(n_digit, codebook_size, d))  # (m, V, d)
+        self.position_embeddings = nn.Parameter(torch.empty(cfg.max_seq_len, d))  # (T_max, d)
+        self.embd_dropout = nn.Dropout(cfg.embd_dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        # The m heads as one (m*d, d) linear map: W_k is head_weight[k] in nn.Linear's (out, in) layout.
+        self.head_weight = nn.Parameter(torch.empty(n_digit, d, d))  # (m, d, d)
+        self.head_bias = nn.Parameter(torch.empty(n_digit, d))  # (m, d)
+        self.reset_parameters()
+
+    @property
+    def n_items(self) -> int:
+        return self.item_codes.shape[0]
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, std) weights, zero biases, residual output projections scaled by
+        1/sqrt(2 n_layer); the heads start as the identity map (W = 0, nn.Linear's default bias)."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.token_embeddings, std=std)
+        nn.init.normal_(self.position_embeddings, std=std)
+        for block in self.blocks:
+            for linear in (block.qkv, block.attn_proj, block.fc, block.mlp_proj):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+            for proj in (block.attn_proj, block.mlp_proj):
+                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
+        nn.init.zeros_(self.head_weight)
+        bound = 1.0 / math.sqrt(self.cfg.d_model)
+        nn.init.uniform_(self.head_bias, -bound, bound)
+
+    def hidden_states(self, items: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Decoder output at every real position.
+
+        Args:
+            items: (B, T) dense item rows, right-padded.
+            packing: the real positions of ``items``.
+
+        Returns:
+            (P, d) final-layer-norm states, packed.
+        """
+        rows = items.reshape(-1).index_select(0, packing.index)  # (P,)
+        tokens = self.item_codes[rows].long() + self.digit_offsets  # (P, m) into the (m*V) table
+        table = self.token_embeddings.reshape(-1, self.cfg.d_model)  # (m*V, d)
+        # Mean of the m token embeddings per item, without materialising (P, m, d).
+        x = F.embedding_bag(tokens, table, mode="mean")  # (P, d)
+        if packing.length > self.cfg.max_seq_len:
+            raise ValueError(f"sequences of {packing.length} positions exceed max_seq_len {self.cfg.max_seq_len}")
+        x = self.embd_dropout(x + self.position_embeddings[packing.positions])
+        for block in self.blocks:
+            x = block(x, packing)
+        return self.ln_f(x)
+
+    def digit_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The m head outputs ``x + SiLU(W_k x + b_k)``: (N, d) -> (N, m, d), one GEMM for all heads."""
+        n, d = hidden.shape
+        z = F.linear(hidden, self.head_weight.reshape(-1, d), self.head_bias.reshape(-1))  # (N, m*d)
+        return hidden.unsqueeze(1) + F.silu(z).view(n, self.n_digit, d)
+
+    def digit_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Cosine logits over each digit's codebook: (N, m, d) -> (m, N, V), digit-major."""
+        states = F.normalize(states, dim=-1).transpose(0, 1)  # (m, N, d)
+        table = F.normalize(self.token_embeddings, dim=-1)  # (m, V, d)
+        return torch.bmm(states, table.transpose(1, 2)) / self.cfg.temperature  # (m, N, V)
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        denominator: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Multi-token prediction loss: mean over digits of the cross-entropy of each label's tokens.
+
+        Args:
+            items: (B, T) input item rows, right-padded.
+            lengths: (B,) real positions per sequence (>= 1).
+            targets: (B, T) the next item's row at labelled positions, PAD elsewhere.
+            denominator: labelled positions to average over; None = this batch's count. Data-parallel
+                training passes the step's global count so that ranks and micro-batches of unequal
+                sizes still give the mean over the whole batch.
+
+        Returns:
+            Scalar loss; with the default denominator, exactly the reference code's
+            ``mean_k CrossEntropy(logits_k, codes_k)`` over the labelled positions.
+        """
+        packing = Packing.from_lengths(lengths, items.shape[1])
+        hidden = self.hidden_states(items, packing)  # (P, d)
+        labels = targets.reshape(-1).index_select(0, packing.index)  # (P,)
+        labelled = (labels != PAD).nonzero().squeeze(1)  # (N,)
+        states = self.digit_states(hidden.index_select(0, labelled))  # (N, m, d)
+        logits = self.digit_logits(states)  # (m, N, V)
+        codes = self.item_codes[labels.index_select(0, labelled)].long().t()  # (m, N)
+        total = F.cross_entropy(
+            logits.reshape(-1, self.codebook_size).float(), codes.reshape(-1), reduction="sum"
+        )
+        count = labelled.numel() if denominator is None else denominator
+        return total / (self.n_digit * count)
+
+    def next_token_log_probs(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Per-digit log-probabilities of the next item's tokens after each sequence.
+
+        Args:
+            items: (B, T) dense item rows, right-padded (pad with PAD = -1 by convention; values at
+                positions >= length are ignored).
+            lengths: (B,) real positions per sequence, each in [1, T].
+
+        Returns:
+            (B, m, V) log-softmax over each digit's V tokens of the cosine logits / temperature at
+            each sequence's last real position.
+        """
+        _check_batch(items, lengths, self.n_items)
+        packing = Packing.from_lengths(lengths, items.shape[1])
+        hidden = self.hidden_states(items, packing)  # (P, d)
+        last = hidden.index_select(0, packing.last_index(lengths))  # (B, d)
+        logits = self.digit_logits(self.digit_states(last))  # (m, B, V)
+        return F.log_softmax(logits.float(), dim=-1).transpose(0, 1).contiguous()  # (B, m, V)
+
+
+def _check_batch(items: torch.Tensor, lengths: torch.Tensor, n_items: int) -> None:
+    """Reject lengths outside [1, T] and item rows outside [0, n_items) at real positions."""
+    if items.dim() != 2 or lengths.shape != (items.shape[0],):
+        raise ValueError(f"items must be (B, T) and lengths (B,); got {tuple(items.shape)} and {tuple(lengths.shape)}")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > items.shape[1]):
+        raise ValueError(f"lengths must lie in [1, {items.shape[1]}]; got {lengths.tolist()[:8]}...")
+    real = torch.arange(items.shape[1], device=items.device) < lengths.unsqueeze(1)
+    rows = items[real]
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_items):
+        bad = int(((items < 0) | (items >= n_items)).logical_and(real).nonzero()[0, 0])
+        raise ValueError(f"items: sequence {bad} holds an item row outside [0, {n_items})")
