@@ -21,11 +21,13 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers import rpg_dist from this interpreter's environment; nothing else needs shipping.
     kwargs = {"namespace": cfg.namespace, "log_to_driver": True, "configure_logging": False}
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+    # Inside a Ray job (rpg-dist submit) RAY_ADDRESS names the cluster the job runs on.
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
-    log.info("ray: %s, resources %s", cfg.address or "local", ray.cluster_resources())
+    log.info("ray: %s, resources %s", address or "local", ray.cluster_resources())
 
 
 def node_id() -> str:
