@@ -1,0 +1,168 @@
+"""Scoring, deterministic top-k and vectorised graph decoding against their brute-force twins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpg_dist.decode.graph_decode import (
+    GraphDecoder,
+    count_distinct,
+    graph_decode_reference,
+    popular_start_items,
+    random_start_items,
+)
+from rpg_dist.decode.scoring import (
+    candidate_scores,
+    full_ranking_topk,
+    full_ranking_topk_reference,
+    item_scores,
+    pair_scores,
+)
+from rpg_dist.decode.topk import key_rows, key_scores, merge_topk, ranking_keys
+
+
+def _log_probs(batch: int, n_digit: int, vocab: int, seed: int, dyadic: bool = False) -> torch.Tensor:
+    """Random per-digit log-probs; ``dyadic`` draws from a coarse grid so ties are frequent."""
+    gen = torch.Generator().manual_seed(seed)
+    if dyadic:
+        return -torch.randint(0, 4, (batch, n_digit, vocab), generator=gen).float() / 4
+    return torch.log_softmax(torch.randn(batch, n_digit, vocab, generator=gen) * 3, dim=-1)
+
+
+def test_ranking_keys_order_is_score_desc_then_row_asc():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (2000,), generator=gen).float() / 2
+    scores[:5] = torch.tensor([float("-inf"), -0.0, 0.0, 1e-30, -1e-30])
+    rows = torch.randperm(2000, generator=gen)
+    keys = ranking_keys(scores, rows)
+    got = key_rows(torch.sort(keys, descending=True).values)
+    expected = np.lexsort((rows.numpy(), -scores.numpy()))  # last key is primary
+    assert torch.equal(got, rows[torch.from_numpy(expected)])
+    assert torch.equal(key_scores(keys), scores + 0.0)
+    assert torch.equal(key_rows(keys), rows)
+
+
+def test_merge_topk_pads_short_rows():
+    keys = ranking_keys(torch.tensor([[1.0, 2.0]]), torch.tensor([[4, 7]]))
+    merged = merge_topk(keys[:, :1], keys[:, 1:], 3)
+    assert key_rows(merged[:, :2]).tolist() == [[7, 4]]
+    assert merged[0, 2].item() == torch.iinfo(torch.int64).min
+
+
+def test_item_scores_match_loop_twin():
+    log_probs = _log_probs(3, 4, 16, seed=1)
+    codes = torch.randint(0, 16, (25, 4), dtype=torch.int16)
+    got = item_scores(log_probs, codes)
+    lp = log_probs.double().numpy()
+    expected = [[np.mean([lp[b, k, int(codes[n, k])] for k in range(4)]) for n in range(25)] for b in range(3)]
+    np.testing.assert_allclose(got.numpy(), np.array(expected), rtol=1e-6)
+
+
+def test_candidate_and_pair_scores_are_bit_identical_to_item_scores():
+    log_probs = _log_probs(5, 8, 32, seed=2)
+    codes = torch.randint(0, 32, (300, 8), dtype=torch.int16)
+    dense = item_scores(log_probs, codes)  # (B, N)
+    rows = torch.randint(0, 300, (5, 77))
+    assert torch.equal(candidate_scores(log_probs, codes, rows), dense.gather(1, rows))
+    queries = torch.randint(0, 5, (123,))
+    items = torch.randint(0, 300, (123,))
+    assert torch.equal(pair_scores(log_probs, queries, codes[items]), dense[queries, items])
+
+
+@pytest.mark.parametrize("dyadic", [True, False])
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_full_ranking_blockwise_equals_twin(dyadic, block):
+    log_probs = _log_probs(6, 4, 8, seed=3, dyadic=dyadic)
+    codes = torch.randint(0, 8, (200, 4), dtype=torch.int16)
+    rows, scores = full_ranking_topk(log_probs, codes, k=15, block_size=block)
+    ref_rows, ref_scores = full_ranking_topk_reference(log_probs, codes, k=15)
+    assert torch.equal(rows, ref_rows)
+    assert torch.equal(scores, ref_scores)
+
+
+def test_random_start_items_distinct_seeded_and_uniform():
+    starts = random_start_items(4000, 50, 20, torch.Generator().manual_seed(5))
+    assert starts.shape == (4000, 20)
+    assert int(starts.min()) >= 0 and int(starts.max()) < 50
+    assert (count_distinct(starts) == 20).all()
+    again = random_start_items(4000, 50, 20, torch.Generator().manual_seed(5))
+    assert torch.equal(starts, again)
+    # Each item is drawn with probability 20/50 per query: 1600 +- ~31 (std); allow 6 std.
+    counts = torch.bincount(starts.flatten(), minlength=50).float()
+    assert (counts - 1600).abs().max() < 190
+    with pytest.raises(ValueError, match="exceeds"):
+        random_start_items(1, 5, 6, torch.Generator())
+
+
+def test_popular_start_items_ties_by_row():
+    popularity = torch.tensor([3, 9, 9, 1, 5])
+    assert popular_start_items(popularity, 2, 3).tolist() == [[1, 2, 4], [1, 2, 4]]
+
+
+def _random_graph(n_items: int, n_edges: int, gen: torch.Generator) -> torch.Tensor:
+    """(N, k) neighbour rows without self-edges, with some -1 padding at the tail of lists."""
+    neighbors = torch.randint(0, n_items - 1, (n_items, n_edges), generator=gen)
+    neighbors += (neighbors >= torch.arange(n_items).unsqueeze(1)).long()  # skip self
+    lengths = torch.randint(0, n_edges + 1, (n_items,), generator=gen)
+    neighbors[torch.arange(n_edges).unsqueeze(0) >= lengths.unsqueeze(1)] = -1
+    return neighbors
+
+
+def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k):
+    result = GraphDecoder(codes, neighbors, num_beams, steps).decode(log_probs, start, top_k)
+    beams, visited = graph_decode_reference(
+        log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps
+    )
+    assert result.items.tolist() == [beam[:top_k] for beam in beams]
+    assert result.n_visited.tolist() == visited
+    dense = item_scores(log_probs, codes)
+    assert torch.equal(result.scores, dense.gather(1, result.items) + 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_items=st.integers(2, 40),
+    n_edges=st.integers(1, 6),
+    batch=st.integers(1, 5),
+    steps=st.integers(0, 4),
+    dyadic=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, seed, data):
+    gen = torch.Generator().manual_seed(seed)
+    num_beams = data.draw(st.integers(1, n_items))
+    top_k = data.draw(st.integers(1, num_beams))
+    n_digit, vocab = 3, 5
+    codes = torch.randint(0, vocab, (n_items, n_digit), generator=gen, dtype=torch.int16)
+    log_probs = _log_probs(batch, n_digit, vocab, seed, dyadic)
+    neighbors = _random_graph(n_items, n_edges, gen)
+    start = random_start_items(batch, n_items, num_beams, gen)
+    _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k)
+
+
+def test_graph_decode_larger_graph_equals_twin():
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 64, (3000, 16), generator=gen, dtype=torch.int16)
+    neighbors = _random_graph(3000, 30, gen)
+    log_probs = _log_probs(16, 16, 64, seed=11)
+    start = random_start_items(16, 3000, 20, gen)
+    _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10)
+
+
+def test_graph_decode_finds_best_item_reachable_in_one_step():
+    # A star: every item links to item 0, which has the best score; one step must find it.
+    n_items = 50
+    neighbors = torch.zeros(n_items, 1, dtype=torch.long)
+    neighbors[0] = 1
+    codes = torch.arange(n_items).unsqueeze(1).to(torch.int16)
+    log_probs = torch.full((2, 1, n_items), -5.0)
+    log_probs[:, 0, 0] = -0.1
+    start = torch.tensor([[7, 8], [30, 41]])
+    result = GraphDecoder(codes, neighbors, 2, 1).decode(log_probs, start, 1)
+    assert result.items[:, 0].tolist() == [0, 0]
+    assert result.n_visited.tolist() == [3, 3]
