@@ -22,8 +22,24 @@ class RunPaths:
         return self._at("embeddings")
 
     @property
+    def embedding_manifests(self) -> str:  # part-KEY.FINGERPRINT.json per committed shard (node id, ...)
+        return self._at("embeddings", "_manifests")
+
+    @property
     def tokenizer(self) -> str:
         return self._at("tokenizer")
+
+    @property
+    def codes(self) -> str:  # part-KEY.parquet: item_id int64, codes fixed_size_list<int16>[m]
+        return self._at("tokenizer", "codes")
+
+    @property
+    def code_manifests(self) -> str:
+        return self._at("tokenizer", "codes", "_manifests")
+
+    @property
+    def opq_meta(self) -> str:  # fingerprint and training facts of opq.faissindex
+        return self._at("tokenizer", "opq.json")
 
     @property
     def semantic_ids(self) -> str:  # item_id int64, codes fixed_size_list<int16>[m]

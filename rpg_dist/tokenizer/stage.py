@@ -1,0 +1,360 @@
+"""``rpg-dist tokenize``: item texts -> embeddings (Ray actors) -> OPQ (one task) -> codes (Ray actors).
+
+Artefacts under ``run_dir`` (see RunPaths):
+
+    embeddings/part-KEY.parquet             item_id, embedding fixed_size_list<float32>[D] (L2-normalised)
+    embeddings/_manifests/part-KEY.FP.json  commit marker: node id, pid, seconds, peak RSS, source rows
+    tokenizer/opq.faissindex, opq.json      trained index and its fingerprint
+    tokenizer/codes/part-KEY.parquet (+ _manifests/)   codes of each embedding shard
+    tokenizer/semantic_ids.parquet          item_id, codes fixed_size_list<int16>[m]; rows in shard order
+    tokenizer/stats.json                    collisions, per-digit usage/entropy, timings
+
+Every step resumes: committed shards whose fingerprint matches are skipped, a matching OPQ index is
+reused. ``add`` embeds and encodes new items with the trained index and rewrites the semantic IDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rpg_dist import io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.data import dataset
+from rpg_dist.data.splits import leave_one_out
+from rpg_dist.errors import ConfigError, DataError, RpgDistError, StageError
+from rpg_dist.raycluster import init_ray
+from rpg_dist.tokenizer import embed, opq, shards
+from rpg_dist.tokenizer.stats import CodeStats
+
+if TYPE_CHECKING:
+    from rpg_dist.config import Config, StorageConfig
+    from rpg_dist.tokenizer.config import TokenizeConfig
+
+log = logging.getLogger(__name__)
+
+ADD_PREFIX = "add-"
+STATS_VERSION = 1
+
+
+def tokenize(cfg: Config, add: str | None = None) -> dict[str, Any]:
+    """Run the tokenize stage (or, with ``add``, encode new items only); returns the stats dict.
+
+    Raises:
+        ConfigError: bad encoder path, or the embedding dimension is not divisible by n_digit.
+        DataError: empty text, NaN/inf/zero embeddings, duplicate or already-tokenized items.
+        StageError: ``add`` before a full run, or an artefact from an incompatible run.
+    """
+    start = time.perf_counter()
+    embed.resolve_encoder(cfg.tokenize.encoder)  # fail before starting anything
+    init_ray(cfg.ray)
+    paths = RunPaths(cfg.run_dir)
+    timings: dict[str, Any] = {}
+    keys = _add_items(cfg, paths, add, timings) if add else _tokenize_dataset(cfg, paths, timings)
+    merge_start = time.perf_counter()
+    stats = _merge(paths, keys, cfg.tokenize, cfg.storage)
+    timings["merge_seconds"] = time.perf_counter() - merge_start
+    timings["total_seconds"] = time.perf_counter() - start
+    stats.update(version=STATS_VERSION, n_shards=len(keys), timings=timings,
+                 opq=io.read_json(paths.opq_meta, cfg.storage), added_from=add)
+    io.write_json(paths.tokenizer_stats, stats, cfg.storage)
+    log.info("tokenize: %d items, %d colliding (%.3f%%), %.1f s", stats["n_items"], stats["n_colliding_items"],
+             100 * stats["collision_rate"], timings["total_seconds"])
+    return stats
+
+
+def _tokenize_dataset(cfg: Config, paths: RunPaths, timings: dict[str, Any]) -> list[str]:
+    """Embed the dataset's items, train (or reuse) OPQ, encode every embedding shard."""
+    t, storage = cfg.tokenize, cfg.storage
+    dataset.read_info(cfg.dataset, storage)
+    items = dataset.items_uri(cfg.dataset)
+    plan = shards.plan_shards(items, t.shard_size, storage)
+    embed_fp = shards.digest(_encoder_identity(t), t.embed_batch_size, t.shard_size,
+                             shards.input_fingerprint(items, storage))
+    timings.update(_embed(cfg, paths, plan, embed_fp, owned=lambda key: not key.startswith(ADD_PREFIX)))
+    added = _current_added_shards(paths, t, storage)
+    keys = [s.key for s in plan] + added
+    dim = embed.embedding_dim(io.join(paths.embeddings, shards.part_name(plan[0].key)), storage)
+    _check_dim(dim, t)
+    timings.update(_train(cfg, paths, [s.key for s in plan], embed_fp, dim))
+    timings.update(_encode(cfg, paths, keys))
+    return keys
+
+
+def _add_items(cfg: Config, paths: RunPaths, uri: str, timings: dict[str, Any]) -> list[str]:
+    """Embed and encode the items at ``uri`` with the trained index; no retraining."""
+    t, storage = cfg.tokenize, cfg.storage
+    for needed in (paths.opq_index, paths.opq_meta, paths.semantic_ids):
+        if not io.exists(needed, storage):
+            raise StageError(f"{needed}: missing; run `rpg-dist tokenize` without --add first")
+    meta = io.read_json(paths.opq_meta, storage)
+    if meta["encoder"] != _encoder_identity(t):
+        raise StageError(f"tokenize.encoder / encoder_dtype: {_encoder_identity(t)} differ from "
+                         f"{meta['encoder']}, which the OPQ index at {paths.opq_index} was trained on")
+    input_fp = shards.input_fingerprint(uri, storage)
+    prefix = f"{ADD_PREFIX}{input_fp[:10]}-"
+    _check_new_ids(uri, paths, prefix, storage)
+    plan = shards.plan_shards(uri, t.shard_size, storage, prefix=prefix)
+    embed_fp = shards.digest(_encoder_identity(t), t.embed_batch_size, t.shard_size, input_fp)
+    timings.update(_embed(cfg, paths, plan, embed_fp, owned=lambda key: key.startswith(prefix)))
+    keys = sorted(shards.committed(paths.embedding_manifests, storage))
+    timings.update(_encode(cfg, paths, keys, only={s.key for s in plan}))
+    return keys
+
+
+def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: str, owned) -> dict[str, Any]:
+    """Embed the planned shards that are not committed yet; drop owned shards no longer planned."""
+    t, storage = cfg.tokenize, cfg.storage
+    done = set(shards.drop_stale(paths.embedding_manifests, {s.key: fingerprint for s in plan}, storage, owned))
+    _remove_unplanned_parts(paths.embeddings, {s.key for s in plan}, owned, storage)
+    pending = [s for s in plan if s.key not in done]
+    log.info("embed: %d shards, %d committed, %d to run", len(plan), len(done), len(pending))
+    start = time.perf_counter()
+    worker_kwargs = dict(
+        encoder=t.encoder, dtype=t.encoder_dtype, batch_size=t.embed_batch_size, threads=t.actor_threads(),
+        use_gpu=_embed_gpus(t) > 0, out_dir=paths.embeddings, manifest_dir=paths.embedding_manifests,
+        fingerprint=fingerprint, storage=storage,
+    )
+    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor, num_gpus=_embed_gpus(t))
+    manifests = shards.run_shards([_shard_task(s) for s in pending], embed.ShardEmbedder, worker_kwargs,
+                                  pool, "embed")
+    seconds = time.perf_counter() - start
+    n_items = sum(m["n_items"] for m in manifests)
+    missing = set(s.key for s in plan) - set(shards.committed(paths.embedding_manifests, storage))
+    if missing:
+        raise StageError(f"{paths.embeddings}: shard(s) {sorted(missing)[:5]} were not committed")
+    return {"embed_seconds": seconds, "embed_items": n_items, "embed_shards_run": len(manifests),
+            "embed_shards_skipped": len(done), "embed_items_per_s": n_items / seconds if n_items else 0.0,
+            "embed_shards_per_node": dict(Counter(m["node_id"] for m in manifests)),
+            "embed_peak_rss_mb": max((m["peak_rss_mb"] for m in manifests), default=0.0)}
+
+
+def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: int) -> dict[str, Any]:
+    """Train OPQ on one Ray task unless an index with the same fingerprint exists."""
+    import ray
+
+    t, storage = cfg.tokenize, cfg.storage
+    seq_fp = shards.input_fingerprint(dataset.sequences_uri(cfg.dataset), storage)
+    fingerprint = shards.digest(embed_fp, seq_fp, cfg.seed, opq.factory_string(t), t.opq_niter,
+                                t.opq_sample_size, t.pca_sample_size, cfg.model.max_seq_len)
+    if io.exists(paths.opq_meta, storage) and io.exists(paths.opq_index, storage):
+        if io.read_json(paths.opq_meta, storage).get("fingerprint") == fingerprint:
+            log.info("opq: reusing %s", paths.opq_index)
+            return {"opq_reused": True}
+    io.remove(paths.opq_meta, storage)  # uncommit the old index before replacing it
+    sample = training_sample(cfg.dataset, storage, cfg.model.max_seq_len, t.opq_sample_size, cfg.seed)
+    parts = [io.join(paths.embeddings, shards.part_name(k)) for k in keys]
+    use_gpu = _cluster_gpus() > 0 and _driver_faiss_has_gpu()
+    task = ray.remote(num_cpus=t.opq_num_cpus, num_gpus=1 if use_gpu else 0, max_retries=2)(opq.train_remote)
+    log.info("opq: training %s on %d items (dim %d)", opq.factory_string(t), len(sample), dim)
+    result = ray.get(task.remote(parts, sample, t, cfg.seed, t.opq_threads, storage))
+    if isinstance(result, RpgDistError):
+        raise result
+    io.write_bytes(paths.opq_index, result.index_bytes, storage)
+    meta = {"fingerprint": fingerprint, "factory": opq.factory_string(t), "dim": result.dim,
+            "n_sample": result.n_sample, "n_train_items_cap": t.opq_sample_size, "seed": cfg.seed,
+            "encoder": _encoder_identity(t), "train_seconds": result.seconds, "threads": result.threads,
+            "used_gpu": result.used_gpu, "node_id": result.node_id,
+            "index_digest": shards.digest(result.index_bytes.hex())}
+    io.write_json(paths.opq_meta, meta, storage)
+    log.info("opq: trained in %.1f s (+%.1f s gathering the sample)", result.seconds, result.gather_seconds)
+    return {"opq_reused": False, "opq_train_seconds": result.seconds, "opq_gather_seconds": result.gather_seconds}
+
+
+def _encode(cfg: Config, paths: RunPaths, keys: list[str], only: set[str] | None = None) -> dict[str, Any]:
+    """Encode embedding shards ``keys`` (or the subset ``only``) with the trained index on actors."""
+    t, storage = cfg.tokenize, cfg.storage
+    index_digest = io.read_json(paths.opq_meta, storage)["index_digest"]
+    embedded = shards.committed(paths.embedding_manifests, storage)
+    wanted = {k: shards.digest(index_digest, embedded[k][0]) for k in keys if only is None or k in only}
+    owned = (lambda key: True) if only is None else (lambda key: key in only)
+    done = set(shards.drop_stale(paths.code_manifests, wanted, storage, owned))
+    _remove_unplanned_parts(paths.codes, set(wanted), owned, storage)
+    pending = [k for k in sorted(wanted) if k not in done]
+    log.info("encode: %d shards, %d committed, %d to run", len(wanted), len(done), len(pending))
+    start = time.perf_counter()
+    worker_kwargs = dict(index_uri=paths.opq_index, threads=t.actor_threads(), out_dir=paths.codes,
+                         manifest_dir=paths.code_manifests, storage=storage)
+    tasks = [{"key": k, "part": io.join(paths.embeddings, shards.part_name(k)), "fingerprint": wanted[k]}
+             for k in pending]
+    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor)
+    manifests = shards.run_shards(tasks, opq.ShardEncoder, worker_kwargs, pool, "encode")
+    seconds = time.perf_counter() - start
+    n_items = sum(m["n_items"] for m in manifests)
+    return {"encode_seconds": seconds, "encode_items": n_items, "encode_shards_run": len(manifests),
+            "encode_items_per_s": n_items / seconds if n_items else 0.0,
+            "encode_shards_per_node": dict(Counter(m["node_id"] for m in manifests)),
+            "encode_peak_rss_mb": max((m["peak_rss_mb"] for m in manifests), default=0.0)}
+
+
+def _merge(paths: RunPaths, keys: list[str], t: TokenizeConfig, storage: StorageConfig | None) -> dict[str, Any]:
+    """Stream every code part into semantic_ids.parquet (atomically) and compute its stats.
+
+    Raises:
+        DataError: an item id appears in two parts (e.g. an added item later added to the dataset).
+    """
+    current = shards.committed(paths.code_manifests, storage)
+    missing = [k for k in keys if k not in current]
+    if missing:
+        raise StageError(f"{paths.codes}: no codes for shard(s) {missing[:5]}; rerun `rpg-dist tokenize`")
+    code_stats = CodeStats(t.n_digit, t.codebook_size)
+    item_ids = []
+    with io.atomic_open(paths.semantic_ids, storage) as handle:
+        writer = None
+        for key in keys:
+            table = io.read_parquet(io.join(paths.codes, shards.part_name(key)), storage)
+            if writer is None:
+                writer = pq.ParquetWriter(handle, table.schema)
+            writer.write_table(table)
+            flat = table.column("codes").combine_chunks().flatten().to_numpy()
+            code_stats.add(flat.reshape(len(table), -1))  # (n, m)
+            item_ids.append(table.column("item_id").to_numpy())
+        _check_unique(item_ids, keys, paths.codes)
+        writer.close()
+    return code_stats.summary()
+
+
+def training_sample(dataset_uri: str, storage: StorageConfig | None, max_len: int, cap: int, seed: int) -> np.ndarray:
+    """Sorted ids of at most ``cap`` items drawn (seeded) from the items of the training sequences.
+
+    Validation/test targets appear only if they also occur in some training sequence.
+    """
+    ids = training_item_ids(dataset_uri, storage, max_len)
+    if len(ids) > cap:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, size=cap, replace=False))
+    return ids
+
+
+def training_item_ids(dataset_uri: str, storage: StorageConfig | None, max_len: int) -> np.ndarray:
+    """Sorted unique item ids of the leave-one-out training sequences, streamed batch by batch."""
+    chunks: list[np.ndarray] = []
+    size = 0
+    unique = np.empty(0, np.int64)
+    for _, batch in io.iter_parquet(dataset.sequences_uri(dataset_uri), storage, ["user_id", "item_ids"]):
+        train = leave_one_out(pa.Table.from_batches([batch]), max_len).train
+        chunks.append(np.unique(train.flatten().to_numpy()))
+        size += len(chunks[-1])
+        if size > 4 * max(len(unique), 1 << 20):  # collapse now and then: memory O(n_items)
+            unique, chunks, size = np.unique(np.concatenate([unique, *chunks])), [], 0
+    return np.unique(np.concatenate([unique, *chunks]))
+
+
+def _check_unique(item_ids: list[np.ndarray], keys: list[str], where: str) -> None:
+    ids = np.concatenate(item_ids)
+    order = np.argsort(ids, kind="stable")
+    dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(dup):
+        bounds = np.cumsum([len(i) for i in item_ids])
+        first, second = (int(np.searchsorted(bounds, order[d], side="right")) for d in (dup[0], dup[0] + 1))
+        raise DataError(f"{where}: item_id {int(ids[order[dup[0]]])} is in both part-{keys[first]} and "
+                        f"part-{keys[second]}; remove one of them (an --add batch overlapping the dataset?)")
+
+
+def _check_new_ids(uri: str, paths: RunPaths, prefix: str, storage: StorageConfig | None) -> None:
+    """New items must be unique and not tokenized yet (except by an earlier run of this same batch)."""
+    ours = [io.join(paths.codes, shards.part_name(k)) for k in shards.committed(paths.code_manifests, storage)
+            if k.startswith(prefix)]
+    known = io.read_parquet(paths.semantic_ids, storage, ["item_id"]).column("item_id").to_numpy()
+    if ours:  # a rerun of an interrupted --add of this same batch
+        known = np.setdiff1d(known, _ids_of(ours, storage))
+    known = np.sort(known)
+    seen = np.empty(0, np.int64)
+    for file_uri, row0, ids in _iter_ids(uri, storage):
+        pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+        old = np.flatnonzero(known[pos] == ids) if len(known) else np.empty(0, np.int64)
+        dup_inside = np.flatnonzero(np.isin(ids, seen) | _dups_within(ids))
+        for bad, what in ((old, "already has a semantic ID"), (dup_inside, "is duplicated in the new items")):
+            if len(bad):
+                row = int(bad[0])
+                raise DataError(f"{file_uri}: row {row0 + row}: field 'item_id' {int(ids[row])} {what}")
+        seen = np.union1d(seen, ids)
+
+
+def _ids_of(uris: list[str], storage: StorageConfig | None) -> np.ndarray:
+    return np.concatenate([io.read_parquet(u, storage, ["item_id"]).column("item_id").to_numpy() for u in uris])
+
+
+def _iter_ids(uri: str, storage: StorageConfig | None):
+    """``(file, first row, item_ids)`` batches of the new items (only the id column is read)."""
+    row, current = 0, None
+    for file_uri, batch in io.iter_parquet(uri, storage, ["item_id"]):
+        if file_uri != current:
+            row, current = 0, file_uri
+        if batch.column(0).null_count or not pa.types.is_integer(batch.schema.field(0).type):
+            raise DataError(f"{file_uri}: field 'item_id' must be a non-null integer column")
+        ids = batch.column(0).to_numpy().astype(np.int64)
+        yield file_uri, row, ids
+        row += len(ids)
+
+
+def _dups_within(ids: np.ndarray) -> np.ndarray:
+    """Mask of entries equal to an earlier entry of ``ids``."""
+    _, first = np.unique(ids, return_index=True)
+    mask = np.ones(len(ids), bool)
+    mask[first] = False
+    return mask
+
+
+def _current_added_shards(paths: RunPaths, t: TokenizeConfig, storage: StorageConfig | None) -> list[str]:
+    """Keys of committed --add shards; they are re-encoded with a retrained index, never dropped."""
+    keys = []
+    for key, (fingerprint, *_) in shards.committed(paths.embedding_manifests, storage).items():
+        if not key.startswith(ADD_PREFIX):
+            continue
+        uri = io.join(paths.embedding_manifests, shards.manifest_name(key, fingerprint))
+        manifest = io.read_json(uri, storage)
+        if manifest.get("encoder") != _encoder_identity(t):
+            raise StageError(
+                f"{paths.embeddings}/part-{manifest['key']}: added items embedded with {manifest.get('encoder')}, "
+                f"not {_encoder_identity(t)}; delete that part and its manifest and add them again"
+            )
+        keys.append(manifest["key"])
+    return sorted(keys)
+
+
+def _remove_unplanned_parts(folder: str, planned: set[str], owned, storage: StorageConfig | None) -> None:
+    """Delete owned part files that the plan no longer has (e.g. the shard count shrank)."""
+    for uri in io.list_files(folder, ".parquet", storage):
+        key = uri.rsplit("/", 1)[1][len("part-"):-len(".parquet")]
+        if owned(key) and key not in planned:
+            io.remove(uri, storage)
+
+
+def _check_dim(dim: int, t: TokenizeConfig) -> None:
+    if t.pca_dim > dim:
+        raise ConfigError(f"tokenize.pca_dim: {t.pca_dim} is larger than the embedding dimension {dim}")
+    if (t.pca_dim or dim) % t.n_digit:
+        raise ConfigError(f"tokenize.n_digit: the embedding dimension {dim} is not divisible by "
+                          f"n_digit ({t.n_digit}); set tokenize.pca_dim to a multiple of {t.n_digit}")
+
+
+def _encoder_identity(t: TokenizeConfig) -> dict[str, str]:
+    return {"encoder": t.encoder, "dtype": t.encoder_dtype}
+
+
+def _shard_task(shard: shards.Shard) -> dict[str, Any]:
+    return dict(shard.__dict__)
+
+
+def _embed_gpus(t: TokenizeConfig) -> float:
+    if t.num_gpus_per_actor is not None:
+        return t.num_gpus_per_actor
+    return 1.0 if _cluster_gpus() > 0 else 0.0
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0.0)
+
+
+def _driver_faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources")
