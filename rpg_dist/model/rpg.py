@@ -28,30 +28,75 @@ from rpg_dist.model.config import ModelConfig
 PAD = -1
 
 
+# Sequences per attention grid: the batch is sorted by length and cut into groups of this many, each
+# padded only to its own longest sequence, so attention's padding stays small.
+ATTENTION_GROUP = 32
+
+
 @dataclass(frozen=True)
 class Packing:
-    """Where the P real positions of a right-padded (B, T) batch sit.
+    """Where the P real positions of a right-padded (B, T) batch go, and in which order.
 
-    index: (P,) flat position b * T + t of each real token, in row-major order.
+    Packed tokens are listed sequence by sequence in ascending-length order, so that attention can
+    process consecutive groups of similar length.
+
+    index: (P,) flat grid position b * T + t of each packed token (b in the original batch order).
     positions: (P,) t, the token's position inside its sequence.
+    last: (B,) packed row of each sequence's last real position (original batch order).
+    groups: per attention group, (first packed token, end, n sequences, grid width, grid index (P_g,)
+        of each of its tokens in a (n * width) grid).
     """
 
-    batch: int
-    length: int
     index: torch.Tensor
     positions: torch.Tensor
+    last: torch.Tensor
+    groups: tuple[tuple[int, int, int, int, torch.Tensor], ...]
 
     @staticmethod
-    def from_lengths(lengths: torch.Tensor, length: int) -> Packing:
-        """Packing of sequences with ``lengths`` (B,) in a grid of ``length`` positions."""
-        grid = torch.arange(length, device=lengths.device)
-        mask = grid.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-        index = mask.reshape(-1).nonzero().squeeze(1)  # (P,)
-        return Packing(batch=lengths.shape[0], length=length, index=index, positions=index % length)
+    def from_lengths(lengths: torch.Tensor, length: int, group: int = ATTENTION_GROUP) -> Packing:
+        """Packing of sequences with ``lengths`` (B,), each in [1, length], in a (B, length) grid."""
+        order = torch.argsort(lengths, stable=True)  # (B,) ascending length
+        sorted_lengths = lengths[order]
+        ends = torch.cumsum(sorted_lengths, 0)  # (B,)
+        starts = ends - sorted_lengths
+        seq = torch.repeat_interleave(torch.arange(len(order), device=lengths.device), sorted_lengths)  # (P,)
+        positions = torch.arange(seq.numel(), device=lengths.device) - starts[seq]  # (P,)
+        last = torch.empty_like(ends)
+        last[order] = ends - 1
+        groups = []
+        bounds = ends.tolist()
+        widths = sorted_lengths.tolist()
+        for first in range(0, len(order), group):
+            stop = min(first + group, len(order))
+            lo, hi, width = (bounds[first - 1] if first else 0), bounds[stop - 1], widths[stop - 1]
+            grid = (seq[lo:hi] - first) * width + positions[lo:hi]  # (P_g,)
+            groups.append((lo, hi, stop - first, width, grid))
+        return Packing(index=order[seq] * length + positions, positions=positions, last=last, groups=tuple(groups))
 
-    def last_index(self, lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) packed row of each sequence's last real position (lengths must be >= 1)."""
-        return torch.cumsum(lengths, 0) - 1
+
+class _InjectiveGather(torch.autograd.Function):
+    """``source.index_select(0, index)`` for indices without repeats.
+
+    Autograd's generic backward accumulates with index_add (sorting the indices first), which on CPU
+    costs more than the attention it serves; distinct indices need only a scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = source.shape[0]
+        return source.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows, *grad.shape[1:])).index_copy_(0, index, grad)
+        return out, None
+
+
+def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (distinct) of ``source``: (R, ...) -> (len(index), ...)."""
+    return _InjectiveGather.apply(source, index)
 
 
 class Block(nn.Module):
@@ -78,17 +123,21 @@ class Block(nn.Module):
 
     def _attention(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Causal self-attention of packed (P, d) tokens within their own sequence."""
-        p, d = x.shape
-        b, t, h = packing.batch, packing.length, self.n_head
+        d, h = x.shape[1], self.n_head
         qkv = self.qkv(x)  # (P, 3d)
-        # Right padding plus the causal mask means a real query never sees a pad key, so the grid's
-        # zero rows need no extra mask.
-        grid = qkv.new_zeros(b * t, 3 * d).index_copy(0, packing.index, qkv)
-        q, k, v = grid.view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d/H)
         dropout = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        out = out.transpose(1, 2).reshape(b * t, d)  # (B*T, d)
-        return out.index_select(0, packing.index)  # (P, d)
+        outputs = []
+        # split (not slicing) so that backward concatenates the groups' gradients instead of
+        # adding one zero-filled (P, 3d) tensor per group.
+        chunks = qkv.split([hi - lo for lo, hi, *_ in packing.groups])
+        for chunk, (_, _, n, width, grid_index) in zip(chunks, packing.groups):
+            # Right padding plus the causal mask means a real query never sees a pad key, so the
+            # grid's zero rows need no extra mask.
+            grid = chunk.new_zeros(n * width, 3 * d).index_copy(0, grid_index, chunk)
+            q, k, v = grid.view(n, width, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # (n, H, W, d/H)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            outputs.append(gather_rows(out.transpose(1, 2).reshape(n * width, d), grid_index))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (P, d)
 
 
 class RPG(nn.Module):
@@ -147,6 +196,12 @@ class RPG(nn.Module):
         bound = 1.0 / math.sqrt(self.cfg.d_model)
         nn.init.uniform_(self.head_bias, -bound, bound)
 
+    def packing(self, lengths: torch.Tensor, length: int) -> Packing:
+        """The packing of a (B, ``length``) batch with ``lengths`` real positions per sequence."""
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequences of {length} positions exceed max_seq_len {self.cfg.max_seq_len}")
+        return Packing.from_lengths(lengths, length)
+
     def hidden_states(self, items: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Decoder output at every real position.
 
@@ -162,24 +217,31 @@ class RPG(nn.Module):
         table = self.token_embeddings.reshape(-1, self.cfg.d_model)  # (m*V, d)
         # Mean of the m token embeddings per item, without materialising (P, m, d).
         x = F.embedding_bag(tokens, table, mode="mean")  # (P, d)
-        if packing.length > self.cfg.max_seq_len:
-            raise ValueError(f"sequences of {packing.length} positions exceed max_seq_len {self.cfg.max_seq_len}")
         x = self.embd_dropout(x + self.position_embeddings[packing.positions])
         for block in self.blocks:
             x = block(x, packing)
         return self.ln_f(x)
 
     def digit_states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The m head outputs ``x + SiLU(W_k x + b_k)``: (N, d) -> (N, m, d), one GEMM for all heads."""
+        """The m head outputs ``x + SiLU(W_k x + b_k)``: (N, d) -> (m, d, N), one GEMM for all heads.
+
+        The digit-major, position-last layout comes straight out of ``W (m*d, d) @ hidden^T`` and
+        feeds the per-digit logit GEMMs without any transposing copy.
+        """
         n, d = hidden.shape
-        z = F.linear(hidden, self.head_weight.reshape(-1, d), self.head_bias.reshape(-1))  # (N, m*d)
-        return hidden.unsqueeze(1) + F.silu(z).view(n, self.n_digit, d)
+        z = torch.addmm(self.head_bias.reshape(-1, 1), self.head_weight.reshape(-1, d), hidden.t())  # (m*d, N)
+        return hidden.t().unsqueeze(0) + F.silu(z).view(self.n_digit, d, n)
 
     def digit_logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Cosine logits over each digit's codebook: (N, m, d) -> (m, N, V), digit-major."""
-        states = F.normalize(states, dim=-1).transpose(0, 1)  # (m, N, d)
+        """Cosine logits over each digit's codebook: (m, d, N) -> (m, N, V).
+
+        cos(s, e) / temperature = (s . e_hat) / (|s| temperature): the state norm scales the (m, N, V)
+        logits instead of normalising the larger (m, d, N) states.
+        """
         table = F.normalize(self.token_embeddings, dim=-1)  # (m, V, d)
-        return torch.bmm(states, table.transpose(1, 2)) / self.cfg.temperature  # (m, N, V)
+        raw = torch.bmm(states.transpose(1, 2), table.transpose(1, 2))  # (m, N, V)
+        norms = torch.linalg.vector_norm(states, dim=1).clamp_min(1e-12)  # (m, N), as F.normalize
+        return raw * (norms * self.cfg.temperature).reciprocal().unsqueeze(-1)
 
     def forward(
         self,
@@ -202,11 +264,11 @@ class RPG(nn.Module):
             Scalar loss; with the default denominator, exactly the reference code's
             ``mean_k CrossEntropy(logits_k, codes_k)`` over the labelled positions.
         """
-        packing = Packing.from_lengths(lengths, items.shape[1])
+        packing = self.packing(lengths, items.shape[1])
         hidden = self.hidden_states(items, packing)  # (P, d)
         labels = targets.reshape(-1).index_select(0, packing.index)  # (P,)
         labelled = (labels != PAD).nonzero().squeeze(1)  # (N,)
-        states = self.digit_states(hidden.index_select(0, labelled))  # (N, m, d)
+        states = self.digit_states(gather_rows(hidden, labelled))  # (m, d, N)
         logits = self.digit_logits(states)  # (m, N, V)
         codes = self.item_codes[labels.index_select(0, labelled)].long().t()  # (m, N)
         total = F.cross_entropy(
@@ -228,9 +290,9 @@ class RPG(nn.Module):
             each sequence's last real position.
         """
         _check_batch(items, lengths, self.n_items)
-        packing = Packing.from_lengths(lengths, items.shape[1])
+        packing = self.packing(lengths, items.shape[1])
         hidden = self.hidden_states(items, packing)  # (P, d)
-        last = hidden.index_select(0, packing.last_index(lengths))  # (B, d)
+        last = hidden.index_select(0, packing.last)  # (B, d)
         logits = self.digit_logits(self.digit_states(last))  # (m, B, V)
         return F.log_softmax(logits.float(), dim=-1).transpose(0, 1).contiguous()  # (B, m, V)
 
