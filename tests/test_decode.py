@@ -104,9 +104,11 @@ def test_popular_start_items_ties_by_row():
 
 
 def _random_graph(n_items: int, n_edges: int, gen: torch.Generator) -> torch.Tensor:
-    """(N, k) neighbour rows without self-edges, with some -1 padding at the tail of lists."""
-    neighbors = torch.randint(0, n_items - 1, (n_items, n_edges), generator=gen)
-    neighbors += (neighbors >= torch.arange(n_items).unsqueeze(1)).long()  # skip self
+    """(N, k) distinct neighbour rows without self-edges, some lists cut short with -1 padding."""
+    n_edges = min(n_edges, n_items - 1)
+    # A random order of the other N-1 items per row (small N only: O(N^2) test data).
+    order = torch.argsort(torch.rand(n_items, n_items - 1, generator=gen), dim=1)[:, :n_edges]
+    neighbors = order + (order >= torch.arange(n_items).unsqueeze(1)).long()  # skip self
     lengths = torch.randint(0, n_edges + 1, (n_items,), generator=gen)
     neighbors[torch.arange(n_edges).unsqueeze(0) >= lengths.unsqueeze(1)] = -1
     return neighbors
@@ -137,7 +139,7 @@ def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, s
     gen = torch.Generator().manual_seed(seed)
     num_beams = data.draw(st.integers(1, n_items))
     top_k = data.draw(st.integers(1, num_beams))
-    n_digit, vocab = 3, 5
+    n_digit, vocab = 4, 5
     codes = torch.randint(0, vocab, (n_items, n_digit), generator=gen, dtype=torch.int16)
     log_probs = _log_probs(batch, n_digit, vocab, seed, dyadic)
     neighbors = _random_graph(n_items, n_edges, gen)
@@ -148,7 +150,12 @@ def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, s
 def test_graph_decode_larger_graph_equals_twin():
     gen = torch.Generator().manual_seed(11)
     codes = torch.randint(0, 64, (3000, 16), generator=gen, dtype=torch.int16)
-    neighbors = _random_graph(3000, 30, gen)
+    # Distinct per row and never the row itself: row + 1 + (30 distinct offsets in [0, N-2]) mod N,
+    # with one random cyclic shift of the offsets per row.
+    offsets = torch.randperm(2999, generator=gen)[:30]
+    shift = torch.randint(0, 30, (3000, 1), generator=gen)
+    offsets = offsets[(torch.arange(30) + shift) % 30]  # (3000, 30)
+    neighbors = (torch.arange(3000).unsqueeze(1) + 1 + offsets) % 3000
     log_probs = _log_probs(16, 16, 64, seed=11)
     start = random_start_items(16, 3000, 20, gen)
     _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from rpg_dist.decode.scoring import candidate_scores, item_scores
 from rpg_dist.decode.topk import MIN_KEY, key_rows, key_scores, ranking_keys
 
 
@@ -60,20 +60,32 @@ def popular_start_items(popularity: torch.Tensor, n_queries: int, n_beams: int) 
 class GraphDecoder:
     """Vectorised graph-constrained decoding over an in-memory graph.
 
+    Queries are processed in chunks of ``chunk_size`` so that the per-step tensors (chunk x
+    (b + b*k)) stay in cache; within a chunk every operation is batched.
+
     Args:
         codes: (N, m) item codes (int16 is fine).
         neighbors: (N, k) neighbour rows of each item, best first, padded with -1.
         num_beams: b, items kept per query after each step.
         steps: q, expansion steps.
+        chunk_size: queries decoded together.
     """
 
-    def __init__(self, codes: torch.Tensor, neighbors: torch.Tensor, num_beams: int, steps: int) -> None:
+    def __init__(
+        self, codes: torch.Tensor, neighbors: torch.Tensor, num_beams: int, steps: int, chunk_size: int = 16
+    ) -> None:
         if neighbors.shape[0] != codes.shape[0]:
             raise ValueError(f"neighbors has {neighbors.shape[0]} rows but codes {codes.shape[0]}")
-        self.codes = codes
+        self.n_items = codes.shape[0]
+        # Digit-major int64 codes: each digit's lookup is one index_select with no dtype conversion.
+        self.codes_t = codes.t().long().contiguous()  # (m, N)
         self.neighbors = neighbors
         self.num_beams = num_beams
         self.steps = steps
+        self.chunk_size = chunk_size
+        # An item occurs at most b+1 times among the candidates (once in the beam, once per beam
+        # item's list), so the top b*(b+1) keys always hold the b best distinct items.
+        self._shortlist = num_beams * (num_beams + 1)
 
     def decode(self, log_probs: torch.Tensor, start: torch.Tensor, top_k: int | None = None) -> DecodeResult:
         """Decode a batch.
@@ -89,31 +101,81 @@ class GraphDecoder:
         top_k = self.num_beams if top_k is None else top_k
         if start.shape[1] != self.num_beams or top_k > self.num_beams:
             raise ValueError(f"start must be (B, {self.num_beams}) and top_k <= {self.num_beams}")
-        beam_keys = self._top_beams(log_probs, start)  # (B, b)
-        visited = [start]
+        log_probs_t = log_probs.transpose(0, 1).contiguous()  # (m, B, V): one contiguous slab per digit
+        keys, visited = [], []
+        for lo in range(0, start.shape[0], self.chunk_size):
+            chunk_keys, chunk_visited = self._decode_chunk(
+                log_probs_t[:, lo : lo + self.chunk_size], start[lo : lo + self.chunk_size].long()
+            )
+            keys.append(chunk_keys[:, :top_k])
+            visited.append(chunk_visited)
+        top = torch.cat(keys)
+        return DecodeResult(key_rows(top), key_scores(top), torch.cat(visited))
+
+    def _decode_chunk(self, log_probs_t: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, c, V) log-probs and (c, b) start rows -> (c, b) beam keys and (c,) visited counts."""
+        visited = _VisitedCounter(start.shape[0], self.n_items)
+        visited.add(start)
+        beam_keys = self._top_beams(log_probs_t, start, valid=None)
         for _ in range(self.steps):
-            beam = key_rows(beam_keys)  # (B, b)
-            candidates = self._expand(beam)  # (B, b + b*k)
-            visited.append(candidates)
-            beam_keys = self._top_beams(log_probs, candidates)
-        top = beam_keys[:, :top_k]
-        return DecodeResult(key_rows(top), key_scores(top), count_distinct(torch.cat(visited, dim=1)))
+            beam = key_rows(beam_keys)  # (c, b)
+            candidates, valid = self._expand(beam)  # (c, b + b*k)
+            visited.add(candidates)
+            beam_keys = self._top_beams(log_probs_t, candidates, valid)
+        return beam_keys, visited.counts()
 
-    def _expand(self, beam: torch.Tensor) -> torch.Tensor:
-        """The beam plus all its neighbours: (B, b) -> (B, b + b*k), duplicates not yet removed."""
-        neighbors = self.neighbors[beam].long()  # (B, b, k)
-        # Padding (-1) becomes the beam item itself: a duplicate that the top-b step drops.
-        neighbors = torch.where(neighbors < 0, beam.unsqueeze(2), neighbors)
-        return torch.cat([beam, neighbors.flatten(1)], dim=1)
+    def _expand(self, beam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The beam plus all its neighbours: (c, b) -> (c, b + b*k) rows and a validity mask."""
+        c, b = beam.shape
+        neighbors = self.neighbors.index_select(0, beam.reshape(-1)).long().view(c, -1)  # (c, b*k)
+        valid = neighbors >= 0
+        # Padding points at the chunk's first beam item (a duplicate); its key is masked anyway.
+        neighbors = torch.where(valid, neighbors, beam[:, :1])
+        ones = torch.ones(c, b, dtype=torch.bool)
+        return torch.cat([beam, neighbors], dim=1), torch.cat([ones, valid], dim=1)
 
-    def _top_beams(self, log_probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Keys of the top-b distinct candidates per query, best first: (B, C) -> (B, b)."""
-        keys = ranking_keys(candidate_scores(log_probs, self.codes, candidates), candidates)  # (B, C)
-        # Equal keys = same item (and so same score): after a sort they are adjacent.
-        keys = torch.sort(keys, dim=1, descending=True).values
+    def _top_beams(self, log_probs_t: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Keys of the top-b distinct candidates per query, best first: (c, C) -> (c, b)."""
+        keys = ranking_keys(self._scores(log_probs_t, candidates), candidates)  # (c, C)
+        if valid is not None:
+            keys.masked_fill_(~valid, MIN_KEY)
+        # Equal keys = same item: within the sorted shortlist they are adjacent.
+        keys = torch.topk(keys, min(self._shortlist, keys.shape[1]), dim=1, sorted=True).values
         duplicate = keys[:, 1:] == keys[:, :-1]
         keys[:, 1:].masked_fill_(duplicate, MIN_KEY)
         return torch.topk(keys, self.num_beams, dim=1, sorted=True).values
+
+    def _scores(self, log_probs_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(m, c, V) log-probs, (c, C) rows -> (c, C) scores; same digit order as ``item_scores``."""
+        n_digit = log_probs_t.shape[0]
+        flat = rows.reshape(-1)
+        total = log_probs_t[0].gather(1, self.codes_t[0].index_select(0, flat).view_as(rows))
+        for k in range(1, n_digit):
+            total += log_probs_t[k].gather(1, self.codes_t[k].index_select(0, flat).view_as(rows))
+        return total / n_digit
+
+
+class _VisitedCounter:
+    """Distinct items seen per query: a (c, N) bitmap when small enough, else kept lists + one sort."""
+
+    _BITMAP_BUDGET = 1 << 25
+
+    def __init__(self, n_queries: int, n_items: int) -> None:
+        self.bitmap = None
+        if n_queries * n_items <= self._BITMAP_BUDGET:
+            self.bitmap = torch.zeros(n_queries, n_items, dtype=torch.bool)
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self.bitmap is not None:
+            self.bitmap.scatter_(1, rows, True)
+        else:
+            self.parts.append(rows)
+
+    def counts(self) -> torch.Tensor:
+        if self.bitmap is not None:
+            return self.bitmap.sum(dim=1)
+        return count_distinct(torch.cat(self.parts, dim=1))
 
 
 def count_distinct(rows: torch.Tensor) -> torch.Tensor:
@@ -130,19 +192,34 @@ def graph_decode_reference(
     num_beams: int,
     steps: int,
 ) -> tuple[list[list[int]], list[int]]:
-    """Brute-force twin: plain loops over queries with Python sets (the paper's code, one query at a time).
+    """Brute-force twin: plain loops over queries and items with Python sets and dicts.
+
+    Scores are computed item by item with numpy float32 scalars, adding the digits in the same
+    order as the vectorised scorers, so they are bit-identical to them whenever dividing by ``m``
+    is exact (m a power of two, as in every test and config).
 
     Returns:
         The final beam of every query (item rows, best first) and the number of distinct items
         scored per query.
     """
-    scores = item_scores(log_probs, codes) + 0.0  # (B, N): same float32 values as the fast path
+    table = log_probs.to(torch.float32).numpy()  # (B, m, V)
+    item_codes = codes.tolist()
+    n_digit = np.float32(table.shape[1])
     beams, visited_counts = [], []
     for query, start_items in enumerate(start):
-        row_scores = scores[query].tolist()
+        digits = table[query]  # (m, V)
+        cache: dict[int, float] = {}
+
+        def score(item: int) -> float:
+            if item not in cache:
+                total = np.float32(0.0)
+                for k, token in enumerate(item_codes[item]):
+                    total = np.float32(total + digits[k, token])
+                cache[item] = float(total / n_digit) + 0.0
+            return cache[item]
 
         def rank(items: set[int]) -> list[int]:
-            return sorted(items, key=lambda item: (-row_scores[item], item))[:num_beams]
+            return sorted(items, key=lambda item: (-score(item), item))[:num_beams]
 
         visited = set(start_items)
         beam = rank(set(start_items))
