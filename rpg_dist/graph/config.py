@@ -10,23 +10,51 @@ from rpg_dist.errors import ConfigError
 
 @dataclass(kw_only=True)
 class GraphConfig:
-    # exact: blockwise brute force with a streaming top-k; approx: a faiss index over item vectors.
+    # exact: blockwise brute force with a streaming top-k (O(N^2 m) lookups: fine to ~100k items);
+    # approx: a faiss index over reduced item vectors, candidates reranked exactly.
     mode: Literal["exact", "approx"] = "exact"
     n_edges: int = 200
-    # Query items per block; memory per actor is O(block_size x max(n_edges, item chunk)).
-    block_size: int = 2048
+    # Query items per task sent to a worker; memory per worker is O(block_size x (item_chunk + n_edges)).
+    block_size: int = 1024
+    # Items scored per merge step inside a block.
+    item_chunk: int = 8192
     num_actors: int = 2
+    # Fractional CPUs so that actors plus the driver can never deadlock a 2-core Ray.
     num_cpus_per_actor: float = 0.5
-    # faiss index factory string for approx mode (inner product over concatenated token vectors).
+    # torch/faiss threads per actor (the cores it may really use).
+    threads_per_actor: int = 1
+    # faiss index factory string over the reduced vectors (IVF, HNSW, IVF-PQ...), inner product.
     approx_index: str = "IVF1024,Flat"
-    approx_nprobe: int = 32
+    # faiss ParameterSpace string applied at search time, e.g. "nprobe=32" or "efSearch=256".
+    approx_params: str = "nprobe=32"
+    # D of the reduced item vectors the index holds (the full m*d vectors never exist).
+    approx_dim: int = 128
+    # Candidates per item returned by the index and reranked with the exact similarity.
+    approx_candidates: int = 800
+    # Items whose concatenated vectors are materialised to fit the reduction (x m*d floats).
+    approx_fit_sample: int = 4096
+    # Items the index is trained on.
+    approx_train_size: int = 65_536
     # Items whose approximate neighbour lists are checked against exact ones (recall in stats.json).
     recall_sample: int = 1000
     n_partitions: int = 2
+    # Reduced dims used by the balanced k-means that seeds the partitions.
+    partition_dim: int = 32
+    # Balanced label-propagation rounds on the built graph (0: k-means partitions only).
+    refine_rounds: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("n_edges", "block_size", "num_actors", "n_partitions", "approx_nprobe"):
+        for name in ("n_edges", "block_size", "item_chunk", "num_actors", "threads_per_actor",
+                     "n_partitions", "approx_dim", "approx_fit_sample", "approx_train_size", "partition_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
-        if self.recall_sample < 0:
-            raise ConfigError("recall_sample: must be >= 0")
+        if self.num_cpus_per_actor <= 0:
+            raise ConfigError("num_cpus_per_actor: must be > 0")
+        if self.approx_candidates < self.n_edges:
+            raise ConfigError(
+                f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
+                "the rerank needs at least n_edges candidates"
+            )
+        for name in ("recall_sample", "refine_rounds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0")

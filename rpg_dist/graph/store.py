@@ -1,0 +1,147 @@
+"""The graph on storage: ``RUN_DIR/graph/part-PPPPP-CCCCC.parquet`` + ``manifest.json`` (+ ``stats.json``).
+
+Each part holds rows of one partition: ``item_id`` int64, ``neighbors`` list<int64> (item ids, most
+similar first), ``partition`` int32. ``manifest.json`` is the commit marker: it is removed first
+and written last, so a crash mid-write leaves "no graph", never a mix of two graphs; its ``files``
+lists each partition's parts, so a shard reads only its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rpg_dist import io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.data.items import ItemIndex
+from rpg_dist.errors import DataError, StageError
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
+
+FORMAT_VERSION = 1
+ROWS_PER_FILE = 262_144
+
+
+@dataclass
+class ItemGraph:
+    """Neighbour lists over dense item rows (the ``ItemIndex`` of the semantic IDs)."""
+
+    rows: np.ndarray  # (n,) int64 dense rows these lists belong to (all items, or one partition's)
+    neighbors: np.ndarray  # (n, k) int32 neighbour rows, best first, -1 padded
+    partition: np.ndarray  # (n,) int32
+
+
+def write_graph(
+    run_dir: str,
+    index: ItemIndex,
+    neighbors: np.ndarray,
+    partition: np.ndarray,
+    manifest: dict[str, Any],
+    stats: dict[str, Any],
+    storage: StorageConfig | None = None,
+) -> dict[str, Any]:
+    """Write every partition's parts, then ``stats.json``, then ``manifest.json`` (the commit)."""
+    paths = RunPaths(run_dir)
+    io.remove(paths.graph_manifest, storage)
+    for old in io.list_files(paths.graph, ".parquet", storage):
+        io.remove(old, storage)
+    files: dict[str, list[str]] = {}
+    for part in range(int(partition.max()) + 1 if len(partition) else 0):
+        rows = np.flatnonzero(partition == part)
+        files[str(part)] = []
+        for chunk, lo in enumerate(range(0, len(rows), ROWS_PER_FILE)):
+            name = f"part-{part:05d}-{chunk:05d}.parquet"
+            table = _table(index, rows[lo : lo + ROWS_PER_FILE], neighbors, part)
+            io.write_parquet(table, io.join(paths.graph, name), storage, row_group_size=65_536)
+            files[str(part)].append(name)
+    io.write_json(paths.graph_stats, stats, storage)
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    io.write_json(paths.graph_manifest, manifest, storage)
+    return manifest
+
+
+def _table(index: ItemIndex, rows: np.ndarray, neighbors: np.ndarray, part: int) -> pa.Table:
+    block = neighbors[rows]  # (r, k)
+    valid = block >= 0
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(valid.sum(axis=1), out=offsets[1:])
+    values = index.ids(block[valid])  # row-major: each list keeps its order
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+    return pa.table({
+        "item_id": pa.array(index.ids(rows), pa.int64()),
+        "neighbors": lists.cast(pa.list_(pa.int64())),
+        "partition": pa.array(np.full(len(rows), part, np.int32)),
+    })
+
+
+def read_manifest(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """``manifest.json`` of a complete graph.
+
+    Raises:
+        StageError: no (complete) graph under ``run_dir``.
+    """
+    uri = RunPaths(run_dir).graph_manifest
+    if not io.exists(uri, storage):
+        raise StageError(f"{uri}: no graph; run `rpg-dist build-graph` first")
+    manifest = io.read_json(uri, storage)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StageError(f"{uri}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}")
+    return manifest
+
+
+def load_graph(
+    run_dir: str, index: ItemIndex, storage: StorageConfig | None = None, partition: int | None = None
+) -> ItemGraph:
+    """Read the whole graph (rows = 0..N-1 in order) or only ``partition``'s items.
+
+    Raises:
+        StageError: no graph.
+        DataError: a file names an unknown item, a self-edge or a repeated neighbour (file, field, row).
+    """
+    manifest = read_manifest(run_dir, storage)
+    names = manifest["files"].get(str(partition), []) if partition is not None else [
+        name for part in sorted(manifest["files"], key=int) for name in manifest["files"][part]
+    ]
+    width = int(manifest["n_edges"])
+    parts = [_read_part(io.join(RunPaths(run_dir).graph, name), index, width, storage) for name in names]
+    rows = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
+    neighbors = np.concatenate([p.neighbors for p in parts]) if parts else np.empty((0, width), np.int32)
+    part_of = np.concatenate([p.partition for p in parts]) if parts else np.empty(0, np.int32)
+    order = np.argsort(rows, kind="stable")
+    graph = ItemGraph(rows=rows[order], neighbors=neighbors[order], partition=part_of[order])
+    if partition is None and not np.array_equal(graph.rows, np.arange(len(index))):
+        raise DataError(f"{RunPaths(run_dir).graph}: the graph covers {len(rows)} rows, not the {len(index)} items")
+    return graph
+
+
+def _read_part(uri: str, index: ItemIndex, width: int, storage: StorageConfig | None) -> ItemGraph:
+    table = io.read_parquet(uri, storage, ["item_id", "neighbors", "partition"])
+    rows = index.rows(table.column("item_id").to_numpy(), what=f"{uri}: field 'item_id'")
+    lists = table.column("neighbors").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+    if len(lengths) and lengths.max() > width:
+        bad = int(np.argmax(lengths > width))
+        raise DataError(f"{uri}: row {bad}: field 'neighbors' holds {lengths[bad]} items, more than n_edges={width}")
+    flat = index.rows(pc.list_flatten(lists).to_numpy(), what=f"{uri}: field 'neighbors'")
+    neighbors = np.full((len(rows), width), -1, np.int32)
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    neighbors[mask] = flat
+    _check_lists(uri, rows, neighbors)
+    return ItemGraph(rows=rows, neighbors=neighbors, partition=table.column("partition").to_numpy().astype(np.int32))
+
+
+def _check_lists(uri: str, rows: np.ndarray, neighbors: np.ndarray) -> None:
+    """Reject self-edges and repeated neighbours: decoding relies on distinct lists."""
+    self_edge = (neighbors == rows[:, None]).any(axis=1)
+    ordered = np.sort(neighbors, axis=1)
+    repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(axis=1)
+    bad = np.flatnonzero(self_edge | repeated)
+    if len(bad):
+        row = int(bad[0])
+        what = "lists the item itself" if self_edge[row] else "repeats an item"
+        raise DataError(f"{uri}: row {row}: field 'neighbors' {what}")

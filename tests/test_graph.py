@@ -1,0 +1,192 @@
+"""Graph builder: exact blockwise kNN vs the dense twin, approximate recall, partitions, storage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from rpg_dist import io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.config import config_from_dict
+from rpg_dist.data.items import ItemIndex
+from rpg_dist.errors import DataError, StageError
+from rpg_dist.graph.builder import build_item_graph
+from rpg_dist.graph.config import GraphConfig
+from rpg_dist.graph.exact import dense_neighbors_reference, exact_neighbors
+from rpg_dist.graph.partition import balanced_assign, cross_fraction, neighbor_counts
+from rpg_dist.graph.similarity import (
+    block_sums,
+    dense_sums_reference,
+    digit_similarity_tables,
+    pair_sums,
+    to_similarity,
+)
+from rpg_dist.graph.stage import build_graph
+from rpg_dist.graph.store import load_graph, read_manifest
+from rpg_dist.graph.synthetic import clustered_codes, random_token_table
+from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
+
+
+def _tied_catalogue(n_items: int, n_digit: int, seed: int):
+    """Few distinct tokens and duplicated token vectors: many exactly equal similarities."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n_digit, 3, 8, generator=gen)
+    table = base[:, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])]  # (m, 8, 8): tokens 0/3/6 identical...
+    codes = torch.randint(0, 8, (n_items, n_digit), generator=gen, dtype=torch.int16)
+    return table, codes
+
+
+def test_similarity_matches_paper_definition():
+    table = random_token_table(4, 16, 10, seed=0)
+    codes = torch.randint(0, 16, (30, 4), dtype=torch.int16)
+    sims = to_similarity(dense_sums_reference(digit_similarity_tables(table), codes), 4)
+    e = torch.nn.functional.normalize(table.double(), dim=-1)
+    a, b = 3, 17
+    expected = np.mean([(1 + float(e[k, codes[a, k].long()] @ e[k, codes[b, k].long()])) / 2 for k in range(4)])
+    assert sims[a, b].item() == pytest.approx(expected, abs=1e-6)
+    assert sims[a, a].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_block_and_pair_sums_are_bit_identical_to_dense():
+    table, codes = _tied_catalogue(120, 6, seed=1)
+    tables = digit_similarity_tables(table)
+    dense = dense_sums_reference(tables, codes)
+    queries = torch.tensor([0, 5, 119])
+    block = block_sums(tables, codes[queries].long(), codes[40:90].t().long())
+    assert torch.equal(block, dense[queries][:, 40:90])
+    cand = torch.randint(0, 120, (3, 11))
+    pairs = pair_sums(tables, codes[queries].long(), codes[cand].long().permute(2, 0, 1))
+    assert torch.equal(pairs, dense[queries.unsqueeze(1), cand])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 4096])
+@pytest.mark.parametrize("n_edges", [1, 9, 199])
+def test_exact_blockwise_equals_dense_twin(chunk, n_edges):
+    table, codes = _tied_catalogue(150, 5, seed=2)
+    tables = digit_similarity_tables(table)
+    got = exact_neighbors(tables, codes.t().contiguous(), torch.arange(150), n_edges, chunk)
+    expected = dense_neighbors_reference(tables, codes, n_edges)
+    assert np.array_equal(got.numpy(), expected)
+    assert not (got == torch.arange(150).unsqueeze(1)).any()  # never its own neighbour
+    if n_edges == 199:
+        assert (got[:, 149:] == -1).all() and (got[:, :149] >= 0).all()
+
+
+def test_balanced_assign_respects_capacity_and_preferences():
+    rng = np.random.default_rng(0)
+    preference = rng.standard_normal((1001, 4))
+    assign = balanced_assign(preference, capacity=251)
+    assert np.bincount(assign, minlength=4).max() <= 251 and (assign >= 0).all()
+    # Unconstrained capacity: everyone gets their favourite.
+    assert np.array_equal(balanced_assign(preference, capacity=1001), preference.argmax(axis=1))
+    # All prefer partition 0 with capacity 2: the two strongest get it.
+    prefs = np.array([[5.0, 0.0], [9.0, 0.0], [7.0, 0.0], [1.0, 0.0]])
+    assert balanced_assign(prefs, capacity=2).tolist() == [1, 0, 0, 1]
+
+
+def test_neighbor_counts_and_cross_fraction_by_hand():
+    partition = np.array([0, 0, 1, 1])
+    neighbors = np.array([[1, 2], [0, -1], [3, 0], [2, 1]])
+    counts = neighbor_counts(partition, neighbors, 2, chunk=3)
+    assert counts.tolist() == [[1, 1], [1, 0], [1, 1], [1, 1]]
+    assert cross_fraction(partition, neighbors, chunk=2) == pytest.approx(3 / 7)
+
+
+def test_ray_exact_build_equals_twin_and_partitions_keep_edges_inside(ray_local):
+    codes = clustered_codes(1200, 8, n_clusters=12, keep=0.8, seed=3)
+    table = random_token_table(8, 256, 16, seed=3)
+    cfg = GraphConfig(n_edges=20, block_size=200, item_chunk=500, n_partitions=3)
+    built = build_item_graph(table, codes, cfg, seed=0)
+    expected = dense_neighbors_reference(digit_similarity_tables(table), codes, 20)
+    assert np.array_equal(built.neighbors, expected)
+    sizes = np.bincount(built.partition, minlength=3)
+    assert sizes.max() <= 400 and sizes.sum() == 1200
+    assert built.info["cross_partition_edge_fraction"] == pytest.approx(cross_fraction(built.partition, expected))
+    # Random balanced partitions would cut ~2/3 of the edges.
+    assert built.info["cross_partition_edge_fraction"] < 0.2
+
+
+def test_ray_approx_build_recall(ray_local):
+    codes = clustered_codes(4000, 16, n_clusters=40, keep=0.7, seed=4)
+    table = random_token_table(16, 256, 24, seed=4)
+    cfg = GraphConfig(mode="approx", n_edges=30, block_size=1000, approx_index="IVF16,Flat",
+                      approx_params="nprobe=4", approx_dim=64, approx_candidates=200,
+                      approx_train_size=4000, recall_sample=300, n_partitions=2)
+    built = build_item_graph(table, codes, cfg, seed=0)
+    exact = dense_neighbors_reference(digit_similarity_tables(table), codes, 30)
+    recall = np.mean([len(set(a) & set(b)) / 30 for a, b in zip(built.neighbors.tolist(), exact.tolist())])
+    assert recall >= 0.9
+    assert built.stats["recall@30"] == pytest.approx(recall, abs=0.05)
+    assert not (built.neighbors == np.arange(4000)[:, None]).any()
+    # Reranked lists are ordered exactly like exact mode's where they agree on the set.
+    same = [i for i in range(4000) if set(built.neighbors[i]) == set(exact[i])]
+    assert len(same) > 100 and all((built.neighbors[i] == exact[i]).all() for i in same)
+
+
+def _tiny_run(tmp_root: str, n_items: int = 300, n_digit: int = 8):
+    codes = clustered_codes(n_items, n_digit, n_clusters=6, keep=0.8, seed=5).numpy()
+    item_ids = np.arange(n_items, dtype=np.int64) * 7 + 100  # sparse ids: rows != ids
+    write_semantic_ids(RunPaths(tmp_root).semantic_ids, item_ids, codes)
+    return item_ids, codes
+
+
+def test_build_graph_stage_writes_and_loads(tmp_path, ray_local):
+    run_dir = str(tmp_path / "run")
+    item_ids, codes = _tiny_run(run_dir)
+    cfg = config_from_dict({"dataset": "unused", "run_dir": run_dir,
+                            "graph": {"n_edges": 12, "n_partitions": 2, "block_size": 64}})
+    table = random_token_table(8, 256, 16, seed=5)
+    manifest = build_graph(cfg, token_embeddings=table)
+    assert manifest["n_items"] == 300 and manifest["n_edges"] == 12 and manifest["mode"] == "exact"
+    assert set(manifest["files"]) == {"0", "1"}
+    assert 0 <= manifest["cross_partition_edge_fraction"] < 0.5
+    assert read_manifest(run_dir)["partition_method"].startswith("balanced k-means")
+    index = ItemIndex(item_ids)
+    graph = load_graph(run_dir, index)
+    expected = dense_neighbors_reference(digit_similarity_tables(table), torch.from_numpy(codes), 12)
+    assert np.array_equal(graph.neighbors, expected)
+    shard = load_graph(run_dir, index, partition=1)
+    assert (shard.partition == 1).all() and np.array_equal(shard.neighbors, expected[shard.rows])
+    table_on_disk = io.read_parquet(io.join(RunPaths(run_dir).graph, manifest["files"]["0"][0]))
+    assert table_on_disk.schema.field("neighbors").type == pa.list_(pa.int64())
+    assert set(table_on_disk.column("item_id").to_numpy()) <= set(item_ids)
+
+
+def test_build_graph_on_s3(s3_bucket, ray_local):
+    endpoint, bucket = s3_bucket
+    run_dir = f"s3://{bucket}/run"
+    storage = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    cfg = config_from_dict({"dataset": "unused", "run_dir": run_dir, "storage": storage,
+                            "graph": {"n_edges": 5, "n_partitions": 2}})
+    codes = clustered_codes(80, 4, n_clusters=4, keep=0.8, seed=6).numpy()
+    write_semantic_ids(RunPaths(run_dir).semantic_ids, np.arange(80), codes, cfg.storage)
+    build_graph(cfg, token_embeddings=random_token_table(4, 256, 8, seed=6))
+    graph = load_graph(run_dir, ItemIndex(np.arange(80)), cfg.storage)
+    assert graph.neighbors.shape == (80, 5) and (graph.neighbors >= 0).all()
+
+
+def test_build_graph_without_model_is_a_clear_error(tmp_path):
+    run_dir = str(tmp_path / "run")
+    _tiny_run(run_dir, n_items=20)
+    cfg = config_from_dict({"dataset": "unused", "run_dir": run_dir})
+    with pytest.raises(StageError, match="model.safetensors: no trained model"):
+        build_graph(cfg)
+
+
+def test_load_graph_rejects_bad_parts(tmp_path, ray_local):
+    run_dir = str(tmp_path / "run")
+    item_ids, _ = _tiny_run(run_dir, n_items=40)
+    cfg = config_from_dict({"dataset": "unused", "run_dir": run_dir, "graph": {"n_edges": 4, "n_partitions": 1}})
+    manifest = build_graph(cfg, token_embeddings=random_token_table(8, 256, 8, seed=7))
+    part = io.join(RunPaths(run_dir).graph, manifest["files"]["0"][0])
+    table = io.read_parquet(part)
+    lists = table.column("neighbors").to_pylist()
+    for bad, message in ((999_999, "field 'neighbors': item_id 999999 is unknown"),
+                         (int(item_ids[3]), "row 3: field 'neighbors' lists the item itself")):
+        broken = [list(x) for x in lists]
+        broken[3][0] = bad
+        io.write_parquet(table.set_column(1, "neighbors", pa.array(broken, pa.list_(pa.int64()))), part)
+        with pytest.raises(DataError, match=message):
+            load_graph(run_dir, ItemIndex(item_ids))
