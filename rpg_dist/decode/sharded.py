@@ -1,0 +1,238 @@
+"""Sharded graph decoding: one Ray actor per graph partition, a coordinator driving the steps.
+
+Each ``GraphShard`` holds only its partition's items: their rows, adjacency lists and codes (memory
+O(partition)). For a batch the coordinator broadcasts the (B, m, V) log-probs once, then per step:
+
+1. **expand**: each shard receives the beam items it owns (as (query, item) pairs), looks up their
+   neighbours, keeps the ones it owns as candidates and returns the others (cross-shard pairs);
+2. **score**: each shard receives the cross-shard pairs it owns, scores all its candidates
+   (deduplicated per query), and returns its top-b keys per query;
+3. the coordinator merges the P x b keys per query into the new beam.
+
+Items live in exactly one shard, so the union of the shards' candidates is exactly the single-process
+candidate set, and scores are bit-identical (same digit order): results equal ``GraphDecoder``'s.
+The start items are scored in a first score-only round. ``step_stats`` reports, per step, the
+messages (requests and replies carrying data), their bytes and the cross-shard candidate pairs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from rpg_dist.decode.graph_decode import DecodeResult
+from rpg_dist.decode.scoring import pair_scores
+from rpg_dist.decode.topk import MIN_KEY, key_rows, key_scores, ranking_keys
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
+
+
+class GraphShard:
+    """Ray actor: one partition's adjacency lists and codes; expands and scores (query, item) pairs.
+
+    Args:
+        n_items: N, the catalogue size (for packing (query, item) pairs into one int64).
+        num_beams: b.
+
+    Fill it with ``set_items`` (arrays) or ``load_partition`` (its own files from the run).
+    """
+
+    def __init__(self, n_items: int, num_beams: int) -> None:
+        torch.set_num_threads(1)
+        self.n_items = n_items
+        self.num_beams = num_beams
+        self.rows = torch.empty(0, dtype=torch.int64)
+        self.neighbors = torch.empty(0, 0, dtype=torch.int32)
+        self.codes = torch.empty(0, 0, dtype=torch.int16)
+        self.log_probs = torch.empty(0)
+        self.pending: list[torch.Tensor] = []  # packed query * N + item candidates of this step
+        self.visited: list[torch.Tensor] = []
+
+    def set_items(self, rows: np.ndarray, neighbors: np.ndarray, codes: np.ndarray) -> int:
+        """Hold these items: (n_p,) sorted global rows, (n_p, k) neighbour rows, (n_p, m) codes."""
+        self.rows = torch.from_numpy(np.array(rows, np.int64))
+        self.neighbors = torch.from_numpy(np.array(neighbors, np.int32))
+        self.codes = torch.from_numpy(np.array(codes, np.int16))
+        return len(self.rows)
+
+    def load_partition(self, run_dir: str, partition: int, storage: StorageConfig | None = None) -> int:
+        """Read only this partition's graph parts (and its items' codes) from the run."""
+        from rpg_dist.artifacts import RunPaths
+        from rpg_dist.graph.store import load_graph
+        from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+
+        semantic_ids = load_semantic_ids(RunPaths(run_dir).semantic_ids, storage)
+        graph = load_graph(run_dir, semantic_ids.index, storage, partition=partition)
+        return self.set_items(graph.rows, graph.neighbors, semantic_ids.codes[graph.rows])
+
+    def size(self) -> int:
+        return len(self.rows)
+
+    def begin(self, log_probs: np.ndarray) -> None:
+        """Start a batch: keep its (B, m, V) log-probs, forget the previous batch's state."""
+        self.log_probs = torch.from_numpy(np.array(log_probs, np.float32))
+        self.pending, self.visited = [], []
+
+    def expand(self, queries: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Frontier pairs this shard owns -> their neighbours; returns the pairs owned elsewhere."""
+        queries, items = torch.from_numpy(queries).long(), torch.from_numpy(items).long()
+        local = self._local(items)
+        neighbors = self.neighbors[local].long()  # (F, k)
+        pair_queries = queries.unsqueeze(1).expand_as(neighbors)
+        valid = neighbors >= 0
+        neighbors, pair_queries = neighbors[valid], pair_queries[valid]
+        owned = self._owns(neighbors)
+        self.pending += [queries * self.n_items + items, pair_queries[owned] * self.n_items + neighbors[owned]]
+        return pair_queries[~owned].numpy(), neighbors[~owned].numpy()
+
+    def score(self, queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Add routed pairs, score every distinct candidate, return (B, b) top keys per query."""
+        packed = torch.from_numpy(queries).long() * self.n_items + torch.from_numpy(items).long()
+        packed = torch.unique(torch.cat([*self.pending, packed]))  # distinct (query, item) pairs
+        self.pending = []
+        self.visited.append(packed)
+        pair_queries, pair_items = packed // self.n_items, packed % self.n_items
+        scores = pair_scores(self.log_probs, pair_queries, self.codes[self._local(pair_items)])
+        return _top_per_query(ranking_keys(scores, pair_items), pair_queries,
+                              self.log_probs.shape[0], self.num_beams).numpy()
+
+    def visited_counts(self) -> np.ndarray:
+        """(B,) distinct items this shard scored per query over the batch."""
+        batch = self.log_probs.shape[0]
+        if not self.visited:
+            return np.zeros(batch, np.int64)
+        packed = torch.unique(torch.cat(self.visited))
+        return torch.bincount(packed // self.n_items, minlength=batch).numpy()
+
+    def _local(self, items: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.rows, items)
+
+    def _owns(self, items: torch.Tensor) -> torch.Tensor:
+        local = self._local(items).clamp(max=max(len(self.rows) - 1, 0))
+        return self.rows[local] == items if len(self.rows) else torch.zeros_like(items, dtype=torch.bool)
+
+
+def _top_per_query(keys: torch.Tensor, queries: torch.Tensor, batch: int, k: int) -> torch.Tensor:
+    """Best ``k`` keys of each query from flat (key, query) pairs: (B, k), MIN_KEY padded."""
+    order = torch.argsort(keys, descending=True, stable=True)
+    order = order[torch.argsort(queries[order], stable=True)]  # by query, keys descending inside
+    grouped = queries[order]
+    counts = torch.bincount(grouped, minlength=batch)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order)) - first[grouped]
+    keep = rank < k
+    out = torch.full((batch, k), MIN_KEY, dtype=torch.int64)
+    out[grouped[keep], rank[keep]] = keys[order][keep]
+    return out
+
+
+class ShardedGraphDecoder:
+    """Coordinator of one ``GraphShard`` actor per partition; same results as ``GraphDecoder``.
+
+    Args:
+        shards: actor handles, shard p owning the items of partition p.
+        partition: (N,) int32 owner of every item (the only O(N) state here: 4 bytes per item).
+        num_beams: b.
+        steps: q.
+    """
+
+    def __init__(self, shards: list, partition: np.ndarray, num_beams: int, steps: int) -> None:
+        self.shards = shards
+        self.partition = torch.from_numpy(np.asarray(partition, np.int64))
+        self.num_beams = num_beams
+        self.steps = steps
+        self.step_stats: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_arrays(cls, codes, neighbors, partition, num_beams: int, steps: int, num_cpus: float = 0.5):
+        """Shards built from in-memory arrays (tests, benchmarks): each gets only its rows."""
+        import ray
+
+        partition = np.asarray(partition)
+        shards, loads = [], []
+        for part in range(int(partition.max()) + 1):
+            rows = np.flatnonzero(partition == part)
+            shard = ray.remote(GraphShard).options(num_cpus=num_cpus).remote(len(partition), num_beams)
+            loads.append(shard.set_items.remote(rows, np.asarray(neighbors)[rows], np.asarray(codes)[rows]))
+            shards.append(shard)
+        ray.get(loads)
+        return cls(shards, partition, num_beams, steps)
+
+    @classmethod
+    def from_run(cls, run_dir: str, partition: np.ndarray, num_beams: int, steps: int,
+                 storage: StorageConfig | None = None, num_cpus: float = 0.5):
+        """Shards that each read their own partition's files from ``run_dir``.
+
+        Args:
+            partition: (N,) owner of every item (from the loaded graph).
+        """
+        import ray
+
+        partition = np.asarray(partition)
+        remote = ray.remote(GraphShard).options(num_cpus=num_cpus)
+        shards = [remote.remote(len(partition), num_beams) for _ in range(int(partition.max()) + 1)]
+        ray.get([s.load_partition.remote(run_dir, p, storage) for p, s in enumerate(shards)])
+        return cls(shards, partition, num_beams, steps)
+
+    def close(self) -> None:
+        import ray
+
+        for shard in self.shards:
+            ray.kill(shard)
+
+    def decode(self, log_probs: torch.Tensor, start: torch.Tensor, top_k: int | None = None) -> DecodeResult:
+        """Decode a batch across the shards; see ``GraphDecoder.decode`` for the arguments."""
+        import ray
+
+        top_k = self.num_beams if top_k is None else top_k
+        batch = log_probs.shape[0]
+        lp = log_probs.to(torch.float32).numpy()
+        ray.get([s.begin.remote(lp) for s in self.shards])
+        self.step_stats = [{"step": 0, "messages": len(self.shards), "bytes": lp.nbytes * len(self.shards)}]
+        queries = torch.arange(batch).repeat_interleave(start.shape[1])
+        beam_keys = self._score_round(self._route(queries, start.reshape(-1).long()), self.step_stats[0])
+        for step in range(1, self.steps + 1):
+            stats = {"step": step, "messages": 0, "bytes": 0}
+            beam = key_rows(beam_keys)
+            remote = self._expand_round(self._route(torch.arange(batch).repeat_interleave(self.num_beams),
+                                                    beam.reshape(-1)), stats)
+            beam_keys = self._score_round(self._route(*remote), stats)
+            self.step_stats.append(stats)
+        visited = sum(ray.get([s.visited_counts.remote() for s in self.shards]))
+        top = beam_keys[:, :top_k]
+        return DecodeResult(key_rows(top), key_scores(top), torch.from_numpy(np.asarray(visited, np.int64)))
+
+    def _route(self, queries: torch.Tensor, items: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Split (query, item) pairs by the item's owner: one (queries, items) pair of arrays per shard."""
+        owner = self.partition[items]
+        return [(queries[owner == p].numpy(), items[owner == p].numpy()) for p in range(len(self.shards))]
+
+    def _expand_round(self, routed, stats: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        import ray
+
+        replies = ray.get([s.expand.remote(q, i) for s, (q, i) in zip(self.shards, routed)])
+        _count(stats, routed, replies)
+        stats["cross_shard_pairs"] = int(sum(len(q) for q, _ in replies))
+        queries = torch.from_numpy(np.concatenate([q for q, _ in replies]))
+        items = torch.from_numpy(np.concatenate([i for _, i in replies]))
+        return queries, items
+
+    def _score_round(self, routed, stats: dict[str, Any]) -> torch.Tensor:
+        import ray
+
+        replies = ray.get([s.score.remote(q, i) for s, (q, i) in zip(self.shards, routed)])
+        _count(stats, routed, replies)
+        keys = torch.from_numpy(np.concatenate(replies, axis=1))  # (B, P*b)
+        return torch.topk(keys, self.num_beams, dim=1, sorted=True).values
+
+
+def _count(stats: dict[str, Any], requests, replies) -> None:
+    """Requests and replies that carry data, and their payload bytes."""
+    for (queries, items), reply in zip(requests, replies):
+        sent = queries.nbytes + items.nbytes
+        received = sum(a.nbytes for a in reply) if isinstance(reply, tuple) else reply.nbytes
+        stats["messages"] = stats.get("messages", 0) + (sent > 0) + (received > 0)
+        stats["bytes"] = stats.get("bytes", 0) + sent + received
