@@ -52,28 +52,47 @@ def model_metadata(model: RPG, tokenizer_fingerprint: str, **extra: Any) -> dict
     }
 
 
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_weights(
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    folder: str,
+    storage: StorageConfig | None = None,
+) -> None:
+    """Write ``folder/model.safetensors``, then ``folder/config.json`` (the commit marker), atomically.
+
+    Args:
+        state_dict: the model's parameters (``RPG.state_dict()``, or a gathered ZeRO-3 copy).
+        metadata: from ``model_metadata`` (plus any training summary fields).
+        folder: local path or fsspec URI.
+    """
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    if "token_embeddings" not in tensors:
+        raise ValueError("state_dict has no 'token_embeddings'")
+    config_uri = io.join(folder, CONFIG_FILE)
+    # Remove the old marker first: a crash between the two writes leaves "no model", never a
+    # config that describes other weights.
+    io.remove(config_uri, storage)
+    io.write_bytes(io.join(folder, WEIGHTS_FILE), save_safetensors(tensors), storage)
+    io.write_json(config_uri, metadata, storage)
+
+
+def read_weights(folder: str, storage: StorageConfig | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/model.safetensors`` (no pickle involved)."""
+    return load_safetensors(io.read_bytes(io.join(folder, WEIGHTS_FILE), storage))
+
+
 def save_model(
     state_dict: dict[str, torch.Tensor],
     metadata: dict[str, Any],
     run_dir: str,
     storage: StorageConfig | None = None,
 ) -> None:
-    """Write the weights, then ``config.json`` (the commit marker), each atomically.
-
-    Args:
-        state_dict: the model's parameters (``RPG.state_dict()``, or a gathered ZeRO-3 copy).
-        metadata: from ``model_metadata`` (plus any training summary fields).
-        run_dir: the run folder (local path or fsspec URI).
-    """
-    paths = RunPaths(run_dir)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    if "token_embeddings" not in tensors:
-        raise ValueError("state_dict has no 'token_embeddings'")
-    # Remove the old marker first: a crash between the two writes leaves "no model", never a
-    # config that describes other weights.
-    io.remove(paths.model_config, storage)
-    io.write_bytes(paths.model_weights, save_safetensors(tensors), storage)
-    io.write_json(paths.model_config, metadata, storage)
+    """Export to ``RUN_DIR/model/`` (see ``save_weights``)."""
+    save_weights(state_dict, metadata, RunPaths(run_dir).model, storage)
 
 
 def read_model_metadata(run_dir: str, storage: StorageConfig | None = None) -> dict[str, Any]:
@@ -108,7 +127,7 @@ def load_model(run_dir: str, storage: StorageConfig | None = None, device: str |
     cfg = configlib.build(ModelConfig, meta["model"])
     codes = torch.from_numpy(semantic_ids.codes)
     model = RPG(cfg, meta["n_digit"], meta["codebook_size"], codes)
-    state = load_safetensors(io.read_bytes(paths.model_weights, storage))
+    state = read_weights(paths.model, storage)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise StageError(f"{paths.model_weights}: missing tensors {missing}, unexpected {unexpected}")

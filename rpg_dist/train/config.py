@@ -17,6 +17,9 @@ class TrainConfig:
     use_gpu: bool = False
     # Fractional CPUs per Ray Train worker: whole CPUs can deadlock a 2-core box (STACK-NOTES).
     cpus_per_worker: float = 1.0
+    # Intra-op threads per worker; 0 = the node's cores / workers on the node (Ray's logical CPUs
+    # are for scheduling and would leave cores idle).
+    torch_threads: int = 0
     # Sequences (training windows) per optimizer step, summed over workers and accumulation.
     batch_size: int = 256
     # Windows per worker per forward pass; None = batch_size / num_workers (no accumulation).
@@ -25,21 +28,40 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    # Linear warmup from 0 over this many optimizer steps, then cosine decay to 0 at the last step
+    # of `epochs` (the reference code's transformers "cosine" schedule).
     warmup_steps: int = 10_000
     epochs: int = 160
     # Stop after this many optimizer steps (smoke runs); None = run all epochs.
     max_steps: int | None = None
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 0
-    # "auto": bf16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # "auto": bf16 on GPU, fp32 on CPU. "bf16"/"fp16": DeepSpeed mixed precision (bf16 or fp16
+    # weights, fp32 master copy). "bf16-autocast": fp32 weights and optimizer, bf16 matmuls under
+    # torch.autocast (about 2x faster on CPUs with avx512_bf16).
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-autocast"] = "auto"
+    # Reshuffle each worker's windows every epoch (seeded by seed and epoch). Off only for tests that
+    # compare launchers step by step.
+    shuffle: bool = True
     eval_every: int = 1
+    # Early stopping: stop after this many epochs without a better validation NDCG@10.
     patience: int = 20
     log_every: int = 50
+    # Save a resumable DeepSpeed checkpoint every this many epochs (and at the end).
+    checkpoint_every: int = 1
+    # Complete checkpoints kept (older ones are deleted once a newer one is committed).
+    keep_checkpoints: int = 2
+    # Resume from the newest complete checkpoint under RUN_DIR/checkpoints when there is one.
+    resume: bool = True
+    # Ray Train restarts of the worker group after a worker dies (resuming from the last checkpoint).
     max_failures: int = 1
+    # Windows in Ray Data's per-worker shuffle buffer (launcher "ray").
+    shuffle_buffer: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "batch_size", "epochs", "eval_every", "log_every"):
+        for name in ("num_workers", "batch_size", "epochs", "eval_every", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         micro = self.micro_batch_size or self.batch_size // self.num_workers
@@ -52,6 +74,17 @@ class TrainConfig:
             raise ConfigError("max_steps: must be >= 1 or null")
         if self.lr <= 0:
             raise ConfigError("lr: must be > 0")
+        for name in ("warmup_steps", "patience", "max_failures", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip: must be >= 0 (0 disables clipping)")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("cpus_per_worker: must be > 0")
+        if self.launcher == "local" and self.num_workers != 1:
+            raise ConfigError(f"num_workers: launcher 'local' runs one process, got {self.num_workers}")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ConfigError("precision: fp16 needs use_gpu=true (use fp32 or bf16-autocast on CPU)")
 
     @property
     def micro_batch(self) -> int:

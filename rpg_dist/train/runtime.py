@@ -1,0 +1,138 @@
+"""The runtime context: what one train loop needs to know about where it runs.
+
+The same ``train_loop`` runs under Ray Train, torchrun (or the deepspeed launcher) and plain pytest;
+each launcher only builds a ``Runtime`` — rank, world size, device, a ``report`` sink and its data
+shard — and sets up the process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Where this process sits in the job.
+
+    report: sends a metrics dict to the launcher after each validation (Ray Train's report, or a
+        no-op); every rank calls it the same number of times.
+    dataset_shard: Ray Data's per-worker iterator under Ray Train; None means read the parquet shard.
+    """
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    report: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
+    dataset_shard: Any = None
+    # True when this module created the process group (and so must destroy it), and the environment
+    # variables it set for that.
+    owns_process_group: bool = False
+    added_env: tuple[str, ...] = ()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def set_threads(torch_threads: int, local_world_size: int) -> int:
+    """Intra-op threads: configured, else this node's cores shared among its workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch_threads or max(1, cores // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_process_group(use_gpu: bool) -> tuple[bool, tuple[str, ...]]:
+    """Initialise torch.distributed through DeepSpeed from the launcher's environment.
+
+    A missing environment (plain pytest) becomes a one-process group on a free loopback port.
+
+    Returns:
+        Whether this call created the group, and the environment variables it set.
+    """
+    if not use_gpu:
+        # Must precede the first deepspeed import; it only silences the accelerator probe's warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the launcher's group
+        return False, ()
+    added: dict[str, str] = {}
+    if "RANK" not in os.environ:
+        added = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(added)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+    return True, tuple(added)
+
+
+def device_for(use_gpu: bool, local_rank: int) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu is true but CUDA is not available in this worker")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def env_runtime(launcher: str, use_gpu: bool) -> Runtime:
+    """Runtime for torchrun / deepspeed launcher processes, or one local process."""
+    import torch.distributed as dist
+
+    owns, added = init_process_group(use_gpu)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return Runtime(
+        launcher=launcher,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        device=device_for(use_gpu, local_rank),
+        owns_process_group=owns,
+        added_env=added,
+    )
+
+
+def ray_runtime(use_gpu: bool) -> Runtime:
+    """Runtime inside a Ray Train worker (the process group is Ray's)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    init_process_group(use_gpu)
+    return Runtime(
+        launcher="ray",
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_world_size=context.get_local_world_size(),
+        device=device_for(use_gpu, context.get_local_rank()),
+        report=lambda metrics: ray.train.report(metrics),
+        dataset_shard=ray.train.get_dataset_shard("train"),
+    )
+
+
+def close(runtime: Runtime) -> None:
+    """Destroy the process group if this process created it."""
+    import torch.distributed as dist
+
+    if runtime.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in runtime.added_env:
+        os.environ.pop(key, None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
