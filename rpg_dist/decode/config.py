@@ -20,6 +20,10 @@ class DecodeConfig:
     batch_size: int = 256
     # Decode through one Ray actor per graph partition instead of in this process.
     sharded: bool = False
+    # Ray CPUs per shard actor (fractional: shards plus the driver never deadlock a small Ray).
+    num_cpus_per_shard: float = 0.5
+    # Queries decoded together inside a batch (keeps the per-step tensors in cache).
+    chunk_size: int = 16
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -28,3 +32,7 @@ class DecodeConfig:
             raise ConfigError("steps: must be >= 0")
         if self.batch_size < 1:
             raise ConfigError("batch_size: must be >= 1")
+        if self.chunk_size < 1:
+            raise ConfigError("chunk_size: must be >= 1")
+        if self.num_cpus_per_shard <= 0:
+            raise ConfigError("num_cpus_per_shard: must be > 0")

@@ -100,10 +100,11 @@ def full_ranking_topk(
     if not 0 < k <= n_items:
         raise ValueError(f"k={k} must lie in [1, {n_items}]")
     block = max(1, min(block_size, _SCORE_BUDGET // max(1, batch)))
-    best = torch.empty(batch, 0, dtype=torch.int64)
+    device = log_probs.device
+    best = torch.empty(batch, 0, dtype=torch.int64, device=device)
     for start in range(0, n_items, block):
         scores = item_scores(log_probs, codes[start : start + block])  # (B, blk)
-        rows = torch.arange(start, start + scores.shape[1]).expand(batch, -1)
+        rows = torch.arange(start, start + scores.shape[1], device=device).expand(batch, -1)
         keys = ranking_keys(scores, rows)  # (B, blk)
         top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
         best = merge_topk(best, top, min(k, best.shape[1] + top.shape[1]))

@@ -1,0 +1,187 @@
+"""``rpg-dist evaluate``: leave-one-out Recall/NDCG@k with graph decoding and full ranking.
+
+Writes (merged into) ``RUN_DIR/metrics.json``::
+
+    {"val": {...}, "test": {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "n_visited_items", ...},
+     "val_full_ranking": {...}, "test_full_ranking": {...}, "popularity": {...}, "timings_s": {...},
+     "decode": {...}}
+
+Graph decoding starts from ``decode.num_beams`` items per query drawn from a generator seeded with
+``decode.seed`` (or the most popular training items), walks ``decode.steps`` steps and ranks the
+final beam; full ranking scores every item in blocks of ``eval.item_block_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rpg_dist import configlib, io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.data.dataset import read_sequences
+from rpg_dist.data.items import ItemIndex
+from rpg_dist.data.splits import EvalExamples, leave_one_out
+from rpg_dist.decode.graph_decode import GraphDecoder, popular_start_items, random_start_items
+from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.errors import ConfigError
+from rpg_dist.evaluation.metrics import ranking_metrics
+
+if TYPE_CHECKING:
+    from rpg_dist.config import Config
+
+log = logging.getLogger(__name__)
+PAD = -1
+
+
+@dataclass
+class Queries:
+    """Evaluation queries as dense rows: right-padded histories, lengths and targets."""
+
+    histories: pa.ListArray  # item rows, one list per query
+    targets: np.ndarray  # (n,) int64 rows
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """(items (B, T) right-padded with -1, lengths (B,), targets (B,)) in query order."""
+        for lo in range(0, len(self.targets), batch_size):
+            chunk = self.histories.slice(lo, batch_size)
+            offsets = chunk.offsets.to_numpy().astype(np.int64)
+            lengths = np.diff(offsets)
+            values = chunk.flatten().to_numpy()
+            items = np.full((len(lengths), int(lengths.max())), PAD, np.int64)
+            column = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+            items[np.repeat(np.arange(len(lengths)), lengths), column] = values
+            yield torch.from_numpy(items), torch.from_numpy(lengths), self.targets[lo : lo + batch_size]
+
+
+def to_queries(examples: EvalExamples, index: ItemIndex, what: str) -> Queries:
+    """Map the examples' item ids to dense rows (unknown ids are a DataError naming ``what``)."""
+    histories = examples.histories
+    rows = index.rows(histories.flatten().to_numpy(), what=f"{what} histories")
+    offsets = histories.offsets.to_numpy() - histories.offsets.to_numpy()[0]
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(rows, pa.int64()))
+    return Queries(histories=lists, targets=index.rows(examples.targets, what=f"{what} targets"))
+
+
+def popularity(train: pa.ListArray, index: ItemIndex) -> torch.Tensor:
+    """(N,) int64 occurrences of each item in the training sequences."""
+    rows = index.rows(train.flatten().to_numpy(), what="training sequences")
+    return torch.from_numpy(np.bincount(rows, minlength=len(index)).astype(np.int64))
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """Evaluate the run's model on val and test; merge the metrics into ``metrics.json`` and return them."""
+    from rpg_dist.model.export import load_model
+
+    paths = RunPaths(cfg.run_dir)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    model = load_model(cfg.run_dir, cfg.storage)
+    codes = model.item_codes.cpu()  # (N, m)
+    index = _item_index(cfg)  # the same ItemIndex load_model checked the codes against
+    split = leave_one_out(read_sequences(cfg.dataset, cfg.storage), max_len=cfg.model.max_seq_len)
+    counts = popularity(split.train, index)
+    timings["load_s"] = time.perf_counter() - clock
+    decoder, close = _decoder(cfg, codes, index, timings)
+    metrics: dict[str, Any] = {}
+    try:
+        for name, examples in (("val", split.val), ("test", split.test)):
+            queries = to_queries(examples, index, name)
+            graph, full = _evaluate_split(cfg, model, codes, decoder, counts, queries, name, timings)
+            metrics[name] = graph
+            if full is not None:
+                metrics[f"{name}_full_ranking"] = full
+    finally:
+        close()
+    # The same most-frequent training items (ties by lower row) for every test query.
+    top = popular_start_items(counts, len(split.test.targets), max(cfg.eval.ks)).numpy()
+    metrics["popularity"] = ranking_metrics(top, index.rows(split.test.targets), cfg.eval.ks)
+    metrics["timings_s"] = timings
+    metrics["decode"] = {**configlib.to_dict(cfg.decode), "n_items": len(index), "n_val": len(split.val.targets),
+                         "n_test": len(split.test.targets)}
+    _merge_write(paths.metrics, metrics, cfg)
+    return metrics
+
+
+def _item_index(cfg: Config) -> ItemIndex:
+    from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+
+    return load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids, cfg.storage).index
+
+
+def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[str, float]):
+    """The graph decoder (in-process or sharded over Ray actors) and its close function."""
+    from rpg_dist.graph.store import load_graph
+
+    if cfg.decode.num_beams > codes.shape[0]:
+        raise ConfigError(f"decode.num_beams: {cfg.decode.num_beams} exceeds the {codes.shape[0]} items")
+    clock = time.perf_counter()
+    graph = load_graph(cfg.run_dir, index, cfg.storage)
+    if cfg.decode.sharded:
+        from rpg_dist.decode.sharded import ShardedGraphDecoder
+        from rpg_dist.raycluster import init_ray
+
+        init_ray(cfg.ray)
+        decoder = ShardedGraphDecoder.from_run(cfg.run_dir, graph.partition, cfg.decode.num_beams,
+                                               cfg.decode.steps, cfg.storage, cfg.decode.num_cpus_per_shard)
+        timings["graph_load_s"] = time.perf_counter() - clock
+        return decoder, decoder.close
+    decoder = GraphDecoder(codes, torch.from_numpy(graph.neighbors), cfg.decode.num_beams, cfg.decode.steps,
+                           cfg.decode.chunk_size)
+    timings["graph_load_s"] = time.perf_counter() - clock
+    return decoder, lambda: None
+
+
+@torch.no_grad()
+def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries, name: str, timings):
+    """Graph-decoding metrics (with n_visited_items) and full-ranking metrics of one split."""
+    ks, top_k = cfg.eval.ks, max(cfg.eval.ks)
+    generator = torch.Generator().manual_seed(cfg.decode.seed)
+    graph_ranked, full_ranked, visited = [], [], []
+    spent = {"model": 0.0, "graph": 0.0, "full": 0.0}
+    for items, lengths, _ in queries.batches(cfg.eval.batch_size):
+        clock = time.perf_counter()
+        log_probs = model.next_token_log_probs(items, lengths).float()  # (B, m, V)
+        spent["model"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        if cfg.decode.start == "popular":
+            start = popular_start_items(counts, len(lengths), cfg.decode.num_beams)
+        else:
+            start = random_start_items(len(lengths), codes.shape[0], cfg.decode.num_beams, generator)
+        result = decoder.decode(log_probs, start, top_k)
+        graph_ranked.append(result.items.numpy())
+        visited.append(result.n_visited.numpy())
+        spent["graph"] += time.perf_counter() - clock
+        if cfg.eval.full_ranking:
+            clock = time.perf_counter()
+            full_ranked.append(full_ranking_topk(log_probs, codes, top_k, cfg.eval.item_block_size)[0].numpy())
+            spent["full"] += time.perf_counter() - clock
+    graph = ranking_metrics(np.concatenate(graph_ranked), queries.targets, ks)
+    graph["n_visited_items"] = float(np.concatenate(visited).mean())
+    graph["queries_per_s"] = len(queries.targets) / max(spent["graph"], 1e-9)
+    timings.update({f"{name}_model_s": spent["model"], f"{name}_graph_decode_s": spent["graph"]})
+    log.info("%s: graph decoding %s", name, _fmt(graph))
+    full = None
+    if cfg.eval.full_ranking:
+        full = ranking_metrics(np.concatenate(full_ranked), queries.targets, ks)
+        full["queries_per_s"] = len(queries.targets) / max(spent["full"], 1e-9)
+        timings[f"{name}_full_ranking_s"] = spent["full"]
+        log.info("%s: full ranking %s", name, _fmt(full))
+    return graph, full
+
+
+def _merge_write(uri: str, metrics: dict[str, Any], cfg: Config) -> None:
+    """Update ``metrics.json`` with our keys, keeping what other stages wrote there."""
+    merged = io.read_json(uri, cfg.storage) if io.exists(uri, cfg.storage) else {}
+    merged.update(metrics)
+    io.write_json(uri, merged, cfg.storage)
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
