@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -162,3 +163,108 @@ def s3_bucket(s3_server):
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return s3_server, bucket
+
+
+class TwoNodeCluster:
+    """A Ray head and a second raylet on 127.0.0.1, each with one logical CPU, started by pid."""
+
+    def __init__(self, gcs_address: str, dashboard_url: str, temp_dir: str, procs: list[subprocess.Popen]):
+        self.gcs_address = gcs_address  # ray.init(address=...) / RayConfig.address
+        self.dashboard_url = dashboard_url  # Ray job submission (JobSubmissionClient, `rpg-dist submit`)
+        self.temp_dir = temp_dir
+        self.procs = procs
+
+    def alive_node_ids(self) -> list[str]:
+        import ray
+
+        return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+
+
+def _ray_start(args: list[str], log_path: Path) -> subprocess.Popen:
+    """``ray start ... --block`` in its own process group (stopped by that group, never `ray stop`)."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([str(BIN / "ray"), "start", *args, "--block", "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop one ``ray start`` and every process it spawned (its own process group).
+
+    SIGTERM first; ``ray start --block`` then drains for up to 30 s, which a throwaway test cluster
+    does not need, so whatever is left after a few seconds gets SIGKILL.
+    """
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group once the leader is gone
+
+
+@pytest.fixture()
+def ray_two_nodes(tmp_path_factory):
+    """Two Ray nodes on 127.0.0.1 (``--num-cpus 1`` each) with a dashboard; yields a TwoNodeCluster.
+
+    The driver is connected (``ray.init(address=gcs_address)``) when the test starts. Both raylets get
+    a private ``--temp-dir``, so ``ray.init()`` elsewhere on this machine never finds this cluster
+    (ray records the last `ray start` address under its temp dir). Any local Ray of this process is
+    shut down first; at the end Ray is shut down and both process groups are terminated.
+    """
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
+    temp_dir = tempfile.mkdtemp(prefix="r2n", dir="/tmp")
+    logs = tmp_path_factory.mktemp("ray_two_nodes")
+    port, dashboard_port = free_port(), free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--temp-dir", temp_dir,
+              "--object-store-memory", str(500 * 1024**2)]
+    head = _ray_start(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                       "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
+                       "--dashboard-agent-listen-port", str(free_port()), *common], logs / "head.log")
+    procs = [head]
+    gcs_address = f"127.0.0.1:{port}"
+    try:
+        _wait_port(port, head, logs / "head.log")
+        procs.append(_ray_start(["--address", gcs_address, "--dashboard-agent-listen-port", str(free_port()),
+                                 *common], logs / "worker.log"))
+        cluster = TwoNodeCluster(gcs_address, f"http://127.0.0.1:{dashboard_port}", temp_dir, procs)
+        ray.init(address=gcs_address, namespace="rpg-dist-tests", log_to_driver=False)
+        deadline = time.time() + 90
+        while len(cluster.alive_node_ids()) < 2:
+            if time.time() > deadline:
+                pytest.fail(f"second Ray node did not join; see {logs}/worker.log")
+            time.sleep(0.5)
+        _wait_port(dashboard_port, head, logs / "head.log")
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for proc in reversed(procs):
+            _stop_group(proc)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}; see {log_path}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"port {port} did not open within {timeout:.0f} s; see {log_path}")

@@ -26,6 +26,9 @@ class TokenizeConfig:
     num_cpus_per_actor: float = 0.5
     # None: one GPU per embedding actor when the cluster has GPUs, else CPU actors (0 forces CPU).
     num_gpus_per_actor: float | None = None
+    # Seconds to wait for the whole actor pool to start before any shard runs (then a clear error:
+    # the cluster cannot fit `concurrency` actors of this size).
+    actor_start_timeout_s: int = 600
     # Torch/faiss threads per actor; None: ceil(num_cpus_per_actor).
     threads_per_actor: int | None = None
     # Items per shard: one committed part file each, the unit of resume and retry. An actor holds
@@ -56,7 +59,7 @@ class TokenizeConfig:
         if self.pca_dim and self.pca_dim % self.n_digit:
             raise ConfigError(f"pca_dim: {self.pca_dim} is not divisible by n_digit ({self.n_digit})")
         for name in ("embed_batch_size", "concurrency", "shard_size", "opq_sample_size", "opq_niter",
-                     "pca_sample_size"):
+                     "pca_sample_size", "actor_start_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.pca_dim < 0:

@@ -62,6 +62,10 @@ class PoolSpec:
     concurrency: int
     num_cpus: float
     num_gpus: float = 0.0
+    # Wait this long for every actor to be up before dispatching: all nodes share the work (the
+    # first actor would otherwise take every shard of a short run), and a pool the cluster cannot
+    # fit fails with a clear timeout instead of crawling on one actor.
+    start_timeout_s: int = 600
 
 
 def plan_shards(uri: str, shard_size: int, storage: StorageConfig | None, prefix: str = "") -> list[Shard]:
@@ -185,6 +189,7 @@ def run_shards(tasks: list[dict[str, Any]], worker_cls: type, worker_kwargs: dic
         return []
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    ctx.wait_for_min_actors_s = pool.start_timeout_s
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     out = ds.map_batches(
         worker_cls,
@@ -194,8 +199,8 @@ def run_shards(tasks: list[dict[str, Any]], worker_cls: type, worker_kwargs: dic
         compute=ray.data.ActorPoolStrategy(size=min(pool.concurrency, len(tasks))),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
-        # One actor per node first: a cluster's nodes all work, and one node's death loses least.
-        scheduling_strategy="SPREAD",
+        # Ray Data places pool actors with its default "SPREAD" strategy: every node of a cluster
+        # works, and one node's death loses the least.
     )
     manifests = []
     start = time.perf_counter()

@@ -121,7 +121,8 @@ def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: 
         use_gpu=_embed_gpus(t) > 0, out_dir=paths.embeddings, manifest_dir=paths.embedding_manifests,
         fingerprint=fingerprint, storage=storage,
     )
-    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor, num_gpus=_embed_gpus(t))
+    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor, num_gpus=_embed_gpus(t),
+                           start_timeout_s=t.actor_start_timeout_s)
     manifests = shards.run_shards([_shard_task(s) for s in pending], embed.ShardEmbedder, worker_kwargs,
                                   pool, "embed")
     seconds = time.perf_counter() - start
@@ -183,7 +184,8 @@ def _encode(cfg: Config, paths: RunPaths, keys: list[str], only: set[str] | None
                          manifest_dir=paths.code_manifests, storage=storage)
     tasks = [{"key": k, "part": io.join(paths.embeddings, shards.part_name(k)), "fingerprint": wanted[k]}
              for k in pending]
-    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor)
+    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor,
+                           start_timeout_s=t.actor_start_timeout_s)
     manifests = shards.run_shards(tasks, opq.ShardEncoder, worker_kwargs, pool, "encode")
     seconds = time.perf_counter() - start
     n_items = sum(m["n_items"] for m in manifests)
