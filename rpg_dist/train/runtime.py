@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +36,6 @@ class Runtime:
     device: torch.device
     report: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
     dataset_shard: Any = None
-    # True when this module created the process group (and so must destroy it), and the environment
-    # variables it set for that.
-    owns_process_group: bool = False
-    added_env: tuple[str, ...] = ()
 
     @property
     def is_main(self) -> bool:
@@ -53,13 +50,12 @@ def set_threads(torch_threads: int, local_world_size: int) -> int:
     return threads
 
 
-def init_process_group(use_gpu: bool) -> tuple[bool, tuple[str, ...]]:
+def init_process_group(use_gpu: bool) -> None:
     """Initialise torch.distributed through DeepSpeed from the launcher's environment.
 
-    A missing environment (plain pytest) becomes a one-process group on a free loopback port.
-
-    Returns:
-        Whether this call created the group, and the environment variables it set.
+    A missing environment (plain pytest) becomes a one-process group on a free loopback port. That
+    group then lives as long as the process: DeepSpeed caches the group it first saw, so later
+    in-process runs must reuse it rather than destroy and recreate it.
     """
     if not use_gpu:
         # Must precede the first deepspeed import; it only silences the accelerator probe's warning.
@@ -67,16 +63,24 @@ def init_process_group(use_gpu: bool) -> tuple[bool, tuple[str, ...]]:
     import deepspeed
     import torch.distributed as dist
 
+    # DeepSpeed's ZeRO still calls the tensor collectives torch renamed; one warning per call.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+_tensor` is deprecated")
     if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the launcher's group
-        return False, ()
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the existing group
+        return
     added: dict[str, str] = {}
     if "RANK" not in os.environ:
         added = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         os.environ.update(added)
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
-    return True, tuple(added)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+    finally:
+        # The group is up; leave no launcher variables behind for processes this one starts (Ray),
+        # except LOCAL_RANK, which deepspeed.initialize insists on reading.
+        for key in added:
+            if key != "LOCAL_RANK":
+                os.environ.pop(key, None)
 
 
 def device_for(use_gpu: bool, local_rank: int) -> torch.device:
@@ -92,7 +96,7 @@ def env_runtime(launcher: str, use_gpu: bool) -> Runtime:
     """Runtime for torchrun / deepspeed launcher processes, or one local process."""
     import torch.distributed as dist
 
-    owns, added = init_process_group(use_gpu)
+    init_process_group(use_gpu)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Runtime(
         launcher=launcher,
@@ -100,8 +104,6 @@ def env_runtime(launcher: str, use_gpu: bool) -> Runtime:
         world_size=dist.get_world_size(),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         device=device_for(use_gpu, local_rank),
-        owns_process_group=owns,
-        added_env=added,
     )
 
 
@@ -120,16 +122,6 @@ def ray_runtime(use_gpu: bool) -> Runtime:
         report=lambda metrics: ray.train.report(metrics),
         dataset_shard=ray.train.get_dataset_shard("train"),
     )
-
-
-def close(runtime: Runtime) -> None:
-    """Destroy the process group if this process created it."""
-    import torch.distributed as dist
-
-    if runtime.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
-    for key in runtime.added_env:
-        os.environ.pop(key, None)
 
 
 def _free_port() -> int:

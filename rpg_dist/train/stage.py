@@ -47,14 +47,11 @@ def run_in_process(cfg: Config) -> dict[str, Any]:
     import torch.distributed as dist
 
     from rpg_dist.train.loop import train_loop
-    from rpg_dist.train.runtime import close, env_runtime
+    from rpg_dist.train.runtime import env_runtime
 
     runtime = env_runtime(cfg.train.launcher, cfg.train.use_gpu)
-    try:
-        if runtime.is_main:
-            prepare(cfg)
-        if runtime.world_size > 1:
-            dist.barrier()
-        return train_loop(runtime, cfg)
-    finally:
-        close(runtime)
+    if runtime.is_main:
+        prepare(cfg)
+    if runtime.world_size > 1:
+        dist.barrier()
+    return train_loop(runtime, cfg)

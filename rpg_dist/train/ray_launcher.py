@@ -1,0 +1,101 @@
+"""Launcher "ray": the train loop on Ray Train workers (TorchTrainer, DeepSpeed inside each worker).
+
+The driver prepares the windows, then starts ``num_workers`` workers with
+``resources_per_worker={"CPU": cpus_per_worker}``. Fault tolerance: with
+``FailureConfig(max_failures)``, Ray Train restarts the worker group when a worker dies, and the
+loop resumes from the newest complete checkpoint under ``RUN_DIR/checkpoints`` (the same resume path
+as re-running ``rpg-dist train``). Ray's own storage only holds its run bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from rpg_dist import configlib, io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.config import Config, config_from_dict
+from rpg_dist.errors import StageError
+from rpg_dist.raycluster import init_ray
+from rpg_dist.train.windows import WindowsPaths
+
+log = logging.getLogger(__name__)
+
+# CPUs each Ray Data read task asks for: small, so reads always fit beside the training workers.
+READ_TASK_CPUS = 0.25
+
+
+def run_ray(cfg: Config) -> dict[str, Any]:
+    """Run the train loop on a Ray Train worker group; returns rank 0's summary."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rpg_dist.model.export import read_model_metadata
+    from rpg_dist.train.stage import prepare
+
+    tc = cfg.train
+    init_ray(cfg.ray)
+    prepare(cfg)
+    _check_resources(cfg, ray.cluster_resources())
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": configlib.to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"rpg-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=_ray_storage(cfg.run_dir),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
+        datasets={"train": _windows_dataset(cfg)},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise StageError(f"training failed after {tc.max_failures} restart(s): {result.error}") from result.error
+    return read_model_metadata(cfg.run_dir, cfg.storage)["training"]
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    from rpg_dist.train.loop import train_loop
+    from rpg_dist.train.runtime import ray_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_dict(loop_config["config"], "<ray worker>")
+    train_loop(ray_runtime(cfg.train.use_gpu), cfg)
+
+
+def _windows_dataset(cfg: Config):
+    import ray
+
+    # Progress bars of the per-epoch streaming split would flood the driver's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    uri = WindowsPaths(RunPaths(cfg.run_dir).windows).train
+    fs, path = io.arrow_filesystem(uri, cfg.storage)
+    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": READ_TASK_CPUS})
+
+
+def _check_resources(cfg: Config, cluster: dict[str, float]) -> None:
+    """Fail fast where the request could never be scheduled (Ray would wait forever, STACK-NOTES)."""
+    tc = cfg.train
+    need = tc.num_workers * tc.cpus_per_worker + READ_TASK_CPUS
+    if cluster.get("CPU", 0.0) < need:
+        raise StageError(
+            f"train.cpus_per_worker: {tc.num_workers} workers x {tc.cpus_per_worker} CPU plus "
+            f"{READ_TASK_CPUS} for data reads need {need} CPUs, but the Ray cluster has "
+            f"{cluster.get('CPU', 0.0)}; lower train.cpus_per_worker (fractions are fine) or raise ray.num_cpus"
+        )
+    if tc.use_gpu and cluster.get("GPU", 0.0) < tc.num_workers:
+        raise StageError(f"train.num_workers: {tc.num_workers} GPU workers, cluster has {cluster.get('GPU', 0.0)} GPUs")
+
+
+def _ray_storage(run_dir: str) -> str:
+    """Ray Train's bookkeeping folder: inside a local run_dir, else a local temporary folder."""
+    if io.is_local(run_dir):
+        return os.path.abspath(io.join(io.filesystem(run_dir)[1], "ray"))
+    return os.path.join(tempfile.gettempdir(), "rpg-dist-ray")
