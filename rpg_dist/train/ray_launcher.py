@@ -77,7 +77,7 @@ def _windows_dataset(cfg: Config):
     ray.data.DataContext.get_current().enable_progress_bars = False
     uri = WindowsPaths(RunPaths(cfg.run_dir).windows).train
     fs, path = io.arrow_filesystem(uri, cfg.storage)
-    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": READ_TASK_CPUS})
+    return ray.data.read_parquet(path, filesystem=fs, num_cpus=READ_TASK_CPUS)
 
 
 def _check_resources(cfg: Config, cluster: dict[str, float]) -> None:
