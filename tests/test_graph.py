@@ -57,7 +57,7 @@ def test_block_and_pair_sums_are_bit_identical_to_dense():
     block = block_sums(tables, codes[queries].long(), codes[40:90].t().long())
     assert torch.equal(block, dense[queries][:, 40:90])
     cand = torch.randint(0, 120, (3, 11))
-    pairs = pair_sums(tables, codes[queries].long(), codes[cand].long().permute(2, 0, 1))
+    pairs = pair_sums(tables, codes[queries].long(), codes.t().contiguous(), cand)
     assert torch.equal(pairs, dense[queries.unsqueeze(1), cand])
 
 

@@ -89,8 +89,7 @@ def approx_neighbors(
     candidates = torch.from_numpy(found).long()  # (Q, C), -1 where the index ran out
     valid = (candidates >= 0) & (candidates != query_rows.unsqueeze(1))
     candidates = torch.where(valid, candidates, query_rows.unsqueeze(1))
-    cand_codes_t = torch.stack([codes_t[k][candidates].long() for k in range(codes_t.shape[0])])  # (m, Q, C)
-    keys = ranking_keys(pair_sums(tables, query_codes, cand_codes_t), candidates)
+    keys = ranking_keys(pair_sums(tables, query_codes, codes_t, candidates), candidates)
     keys.masked_fill_(~valid, MIN_KEY)
     top = torch.topk(keys, min(n_edges, keys.shape[1]), dim=1).values
     return keys_to_rows(top, n_edges)

@@ -49,22 +49,23 @@ def block_sums(tables: torch.Tensor, query_codes: torch.Tensor, item_codes_t: to
     return total
 
 
-def pair_sums(tables: torch.Tensor, query_codes: torch.Tensor, candidate_codes_t: torch.Tensor) -> torch.Tensor:
+def pair_sums(tables: torch.Tensor, query_codes: torch.Tensor, codes_t: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """S for a different candidate list per query (approximate-mode rerank).
 
     Args:
         tables: (m, V, V) digit cosine tables.
         query_codes: (Q, m) int64 codes of the queries.
-        candidate_codes_t: (m, Q, C) int64 codes of each query's candidates, digit-major.
+        codes_t: (m, N) codes of all items, digit-major (any integer dtype).
+        candidates: (Q, C) int64 candidate rows per query.
 
     Returns:
         (Q, C) float32 sums, bit-identical to ``block_sums`` for the same pairs.
     """
     n_digit, vocab = tables.shape[0], tables.shape[1]
-    flat = tables.reshape(n_digit, vocab * vocab)  # (m, V*V)
-    total = flat[0][query_codes[:, :1] * vocab + candidate_codes_t[0]]
+    flat = tables.reshape(n_digit, vocab * vocab)  # (m, V*V): row a_k of T_k starts at a_k * V
+    total = flat[0][query_codes[:, :1] * vocab + codes_t[0][candidates]]
     for k in range(1, n_digit):
-        total += flat[k][query_codes[:, k : k + 1] * vocab + candidate_codes_t[k]]
+        total += flat[k][query_codes[:, k : k + 1] * vocab + codes_t[k][candidates]]
     return total
 
 

@@ -1,0 +1,178 @@
+"""Graph-build benchmark: seconds, peak memory and recall of the kNN graph builder at scale.
+
+    # Beauty size, exact (12,101 items, m 32, d 448, k 200)
+    python benchmarks/bench_graph.py --items 12101 --mode exact
+    # synthetic 100k: exact, then approximate (recall measured against exact on a sample)
+    python benchmarks/bench_graph.py --items 100000 --mode exact
+    python benchmarks/bench_graph.py --items 100000 --mode approx
+    # 1M approximate (the goal: < 15 min, < 6 GB, recall >= 0.9 on this 2-core machine)
+    python benchmarks/bench_graph.py --items 1000000 --mode approx
+    # the similarity formulations head to head (lookups vs fp32/bf16 GEMM in the concatenated space)
+    python benchmarks/bench_graph.py --formulations
+
+Token tables are i.i.d. Gaussian (m, 256, d). Codes (``--codes``): ``taxonomy`` (default) nests
+departments > categories > items like the synthetic catalogue, so items of a category share most
+digits; ``uniform`` draws every digit at random (no neighbourhood structure: the worst case for any
+approximate index). Peak memory is the sum of RSS over this process and all its descendants (Ray's
+raylet, GCS and workers included), sampled every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from rpg_dist.graph.builder import build_item_graph  # noqa: E402
+from rpg_dist.graph.config import GraphConfig  # noqa: E402
+from rpg_dist.graph.similarity import block_sums, digit_similarity_tables  # noqa: E402
+from rpg_dist.graph.synthetic import random_token_table, taxonomy_codes  # noqa: E402
+
+
+class PeakMemory:
+    """Peak summed RSS of this process tree, sampled in a thread."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, every: float) -> None:
+        root = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(every)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}"
+
+
+def make_codes(kind: str, n_items: int, n_digit: int, seed: int) -> torch.Tensor:
+    if kind == "uniform":
+        return torch.randint(0, 256, (n_items, n_digit), generator=torch.Generator().manual_seed(seed), dtype=torch.int16)
+    # ~500 items per category, 25 categories per department.
+    n_categories = max(1, n_items // 500)
+    levels = [(max(1, n_categories // 25), 1.0), (n_categories, 0.5)]
+    return taxonomy_codes(n_items, n_digit, levels, keep=0.7, seed=seed)
+
+
+def formulations(n_digit: int = 32, dim: int = 448, queries: int = 512, items: int = 8192, repeats: int = 3) -> dict:
+    """Pairs/s of the three ways to compute S(a, b) for a (queries x items) block."""
+    table = random_token_table(n_digit, 256, dim, seed=0)
+    tables = digit_similarity_tables(table)
+    codes = torch.randint(0, 256, (queries + items, n_digit))
+    q_codes, i_codes_t = codes[:queries], codes[queries:].t().contiguous()
+    normed = torch.nn.functional.normalize(table, dim=-1)
+    concat = normed[torch.arange(n_digit), codes].reshape(len(codes), -1)  # (Q+C, m*d)
+    xq, xi = concat[:queries], concat[queries:]
+    out = {}
+    for name, fn in (
+        ("lookup_tables", lambda: block_sums(tables, q_codes, i_codes_t)),
+        ("gemm_fp32_concat", lambda: xq @ xi.T),
+        ("gemm_bf16_concat", lambda: (xq.bfloat16() @ xi.bfloat16().T)),
+    ):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = {"pairs_per_s": queries * items / float(np.median(times)), "median_s": float(np.median(times))}
+    out["lookup_vs_fp32"] = out["lookup_tables"]["pairs_per_s"] / out["gemm_fp32_concat"]["pairs_per_s"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=12_101)
+    parser.add_argument("--mode", choices=["exact", "approx"], default="exact")
+    parser.add_argument("--codes", choices=["taxonomy", "uniform"], default="taxonomy")
+    parser.add_argument("--digits", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=448)
+    parser.add_argument("--n-edges", type=int, default=200)
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="GraphConfig override, e.g. --set approx_index=IVF4096,Flat (repeatable)")
+    parser.add_argument("--formulations", action="store_true", help="only compare similarity formulations")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    if args.formulations:
+        print(json.dumps(formulations(args.digits, args.dim), indent=2))
+        return
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def graph_config(args) -> GraphConfig:
+    from rpg_dist import configlib
+
+    fields = {"mode": args.mode, "n_edges": args.n_edges, "n_partitions": args.partitions,
+              "num_actors": args.actors}
+    data = configlib.apply_overrides(GraphConfig, fields, args.overrides)
+    return configlib.build(GraphConfig, data)
+
+
+def run(args) -> dict:
+    import ray
+
+    cfg = graph_config(args)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with PeakMemory() as memory:
+        clock = time.perf_counter()
+        codes = make_codes(args.codes, args.items, args.digits, seed=0)
+        table = random_token_table(args.digits, 256, args.dim, seed=0)
+        data_s = time.perf_counter() - clock
+        # Logical CPUs above the 2 cores: fractional actors never starve the driver.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        clock = time.perf_counter()
+        built = build_item_graph(table, codes, cfg, seed=0)
+        build_s = time.perf_counter() - clock
+        ray.shutdown()
+    return {
+        "items": args.items, "digits": args.digits, "dim": args.dim, "codes": args.codes,
+        "config": {k: v for k, v in vars(cfg).items()},
+        "data_s": data_s, "build_s": build_s, "peak_rss_gib": memory.peak / 2**30,
+        **{k: v for k, v in built.info.items() if k != "partition_sizes"},
+        "partition_sizes": built.info["partition_sizes"],
+        "stats": built.stats,
+    }
+
+
+if __name__ == "__main__":
+    main()
