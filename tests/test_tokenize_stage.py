@@ -167,6 +167,10 @@ def test_add_appends_new_items_without_retraining(tokenized, tmp_path):
     clash = new_items(tmp_path / "clash.parquet", [20_000, int(before.index.item_ids[5])], ["a", "b"])
     with pytest.raises(DataError, match=r"clash.parquet: row 1: field 'item_id' .* already has a semantic ID"):
         stage.tokenize(make_cfg(cfg.dataset, run_dir), add=clash)
+    no_text = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"item_id": [40_000], "title": ["x"]}), no_text)
+    with pytest.raises(DataError, match=r"no_text.parquet: field 'text' is missing or not a string"):
+        stage.tokenize(make_cfg(cfg.dataset, run_dir), add=str(no_text))
 
 
 def test_add_before_a_full_run_is_a_stage_error(synth_dataset, tmp_path):

@@ -24,7 +24,9 @@ from rpg_dist.tokenizer.config import BUNDLED_ENCODER
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Set in every actor before transformers is imported: no hub access, no per-actor progress bars.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def resolve_encoder(encoder: str) -> Path:
@@ -52,8 +54,10 @@ def load_encoder(encoder: str, dtype: str, device: str, threads: int):
     """A SentenceTransformer loaded offline from ``resolve_encoder(encoder)``."""
     os.environ.update(OFFLINE_ENV)
     import torch
+    import transformers
     from sentence_transformers import SentenceTransformer
 
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
     kwargs: dict[str, Any] = {}
     if dtype == "bfloat16":

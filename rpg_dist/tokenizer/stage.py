@@ -15,6 +15,7 @@ reused. ``add`` embeds and encodes new items with the trained index and rewrites
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -71,20 +72,30 @@ def tokenize(cfg: Config, add: str | None = None) -> dict[str, Any]:
 
 def _tokenize_dataset(cfg: Config, paths: RunPaths, timings: dict[str, Any]) -> list[str]:
     """Embed the dataset's items, train (or reuse) OPQ, encode every embedding shard."""
+    plan, embed_fp, embed_timings = embed_dataset(cfg)
+    timings.update(embed_timings)
+    keys = [s.key for s in plan] + _current_added_shards(paths, cfg.tokenize, cfg.storage)
+    dim = embed.embedding_dim(io.join(paths.embeddings, shards.part_name(plan[0].key)), cfg.storage)
+    _check_dim(dim, cfg.tokenize)
+    timings.update(_train(cfg, paths, [s.key for s in plan], embed_fp, dim))
+    timings.update(encode_shards(cfg, keys))
+    return keys
+
+
+def embed_dataset(cfg: Config) -> tuple[list[shards.Shard], str, dict[str, Any]]:
+    """Embed every item of ``cfg.dataset`` not embedded yet: ``(shard plan, fingerprint, timings)``."""
+    init_ray(cfg.ray)
     t, storage = cfg.tokenize, cfg.storage
     dataset.read_info(cfg.dataset, storage)
     items = dataset.items_uri(cfg.dataset)
     plan = shards.plan_shards(items, t.shard_size, storage)
+    if not plan:
+        raise DataError(f"{items}: no items to tokenize")
     embed_fp = shards.digest(_encoder_identity(t), t.embed_batch_size, t.shard_size,
                              shards.input_fingerprint(items, storage))
-    timings.update(_embed(cfg, paths, plan, embed_fp, owned=lambda key: not key.startswith(ADD_PREFIX)))
-    added = _current_added_shards(paths, t, storage)
-    keys = [s.key for s in plan] + added
-    dim = embed.embedding_dim(io.join(paths.embeddings, shards.part_name(plan[0].key)), storage)
-    _check_dim(dim, t)
-    timings.update(_train(cfg, paths, [s.key for s in plan], embed_fp, dim))
-    timings.update(_encode(cfg, paths, keys))
-    return keys
+    timings = _embed(cfg, RunPaths(cfg.run_dir), plan, embed_fp,
+                     owned=lambda key: not key.startswith(ADD_PREFIX))
+    return plan, embed_fp, timings
 
 
 def _add_items(cfg: Config, paths: RunPaths, uri: str, timings: dict[str, Any]) -> list[str]:
@@ -104,7 +115,7 @@ def _add_items(cfg: Config, paths: RunPaths, uri: str, timings: dict[str, Any]) 
     embed_fp = shards.digest(_encoder_identity(t), t.embed_batch_size, t.shard_size, input_fp)
     timings.update(_embed(cfg, paths, plan, embed_fp, owned=lambda key: key.startswith(prefix)))
     keys = sorted(shards.committed(paths.embedding_manifests, storage))
-    timings.update(_encode(cfg, paths, keys, only={s.key for s in plan}))
+    timings.update(encode_shards(cfg, keys, only={s.key for s in plan}))
     return keys
 
 
@@ -143,7 +154,7 @@ def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: in
     t, storage = cfg.tokenize, cfg.storage
     seq_fp = shards.input_fingerprint(dataset.sequences_uri(cfg.dataset), storage)
     fingerprint = shards.digest(embed_fp, seq_fp, cfg.seed, opq.factory_string(t), t.opq_niter,
-                                t.opq_sample_size, t.pca_sample_size, cfg.model.max_seq_len)
+                                t.opq_sample_size, t.pca_sample_size)
     if io.exists(paths.opq_meta, storage) and io.exists(paths.opq_index, storage):
         if io.read_json(paths.opq_meta, storage).get("fingerprint") == fingerprint:
             log.info("opq: reusing %s", paths.opq_index)
@@ -157,20 +168,29 @@ def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: in
     result = ray.get(task.remote(parts, sample, t, cfg.seed, t.opq_threads, storage))
     if isinstance(result, RpgDistError):
         raise result
-    io.write_bytes(paths.opq_index, result.index_bytes, storage)
-    meta = {"fingerprint": fingerprint, "factory": opq.factory_string(t), "dim": result.dim,
-            "n_sample": result.n_sample, "n_train_items_cap": t.opq_sample_size, "seed": cfg.seed,
-            "encoder": _encoder_identity(t), "train_seconds": result.seconds, "threads": result.threads,
-            "used_gpu": result.used_gpu, "node_id": result.node_id,
-            "index_digest": shards.digest(result.index_bytes.hex())}
-    io.write_json(paths.opq_meta, meta, storage)
+    save_index(paths, storage, result.index_bytes, {
+        "fingerprint": fingerprint, "factory": opq.factory_string(t), "dim": result.dim,
+        "n_sample": result.n_sample, "n_train_items_cap": t.opq_sample_size, "seed": cfg.seed,
+        "encoder": _encoder_identity(t), "train_seconds": result.seconds, "threads": result.threads,
+        "used_gpu": result.used_gpu, "node_id": result.node_id})
     log.info("opq: trained in %.1f s (+%.1f s gathering the sample)", result.seconds, result.gather_seconds)
     return {"opq_reused": False, "opq_train_seconds": result.seconds, "opq_gather_seconds": result.gather_seconds}
 
 
-def _encode(cfg: Config, paths: RunPaths, keys: list[str], only: set[str] | None = None) -> dict[str, Any]:
-    """Encode embedding shards ``keys`` (or the subset ``only``) with the trained index on actors."""
-    t, storage = cfg.tokenize, cfg.storage
+def save_index(paths: RunPaths, storage: StorageConfig | None, index_bytes: bytes, meta: dict[str, Any]) -> None:
+    """Commit a trained index: the index file first, then ``opq.json`` (the commit marker)."""
+    io.remove(paths.opq_meta, storage)
+    io.write_bytes(paths.opq_index, index_bytes, storage)
+    io.write_json(paths.opq_meta, {**meta, "index_digest": hashlib.sha256(index_bytes).hexdigest()[:16]}, storage)
+
+
+def encode_shards(cfg: Config, keys: list[str], only: set[str] | None = None) -> dict[str, Any]:
+    """Encode embedding shards ``keys`` (or the subset ``only``) with the trained index on actors.
+
+    Shards whose codes are committed for the current index are skipped; returns timings.
+    """
+    init_ray(cfg.ray)
+    t, storage, paths = cfg.tokenize, cfg.storage, RunPaths(cfg.run_dir)
     index_digest = io.read_json(paths.opq_meta, storage)["index_digest"]
     embedded = shards.committed(paths.embedding_manifests, storage)
     wanted = {k: shards.digest(index_digest, embedded[k][0]) for k in keys if only is None or k in only}
@@ -284,15 +304,26 @@ def _ids_of(uris: list[str], storage: StorageConfig | None) -> np.ndarray:
 
 def _iter_ids(uri: str, storage: StorageConfig | None):
     """``(file, first row, item_ids)`` batches of the new items (only the id column is read)."""
+    for file_uri in io.parquet_files(uri, storage):
+        schema = io.parquet_schema(file_uri, storage)
+        for name, ok in (("item_id", pa.types.is_integer), ("text", _is_string)):
+            if name not in schema.names or not ok(schema.field(name).type):
+                raise DataError(f"{file_uri}: field '{name}' is missing or not "
+                                f"{'an integer' if name == 'item_id' else 'a string'} (columns: {schema.names})")
     row, current = 0, None
     for file_uri, batch in io.iter_parquet(uri, storage, ["item_id"]):
         if file_uri != current:
             row, current = 0, file_uri
-        if batch.column(0).null_count or not pa.types.is_integer(batch.schema.field(0).type):
-            raise DataError(f"{file_uri}: field 'item_id' must be a non-null integer column")
+        if batch.column(0).null_count:
+            null_row = int(np.flatnonzero(batch.column(0).is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{file_uri}: row {row + null_row}: field 'item_id' is null")
         ids = batch.column(0).to_numpy().astype(np.int64)
         yield file_uri, row, ids
         row += len(ids)
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
 def _dups_within(ids: np.ndarray) -> np.ndarray:
