@@ -191,3 +191,27 @@ def test_run_dir_on_s3_checkpoints_resumes_and_exports(synth_dataset, s3_bucket)
     assert io.list_files(paths.tensorboard, storage=storage)
     model = load_model(run_dir, storage)
     assert model.token_embeddings.shape == (8, 256, 32)
+
+
+def test_train_config_rules_name_the_field():
+    from rpg_dist.errors import ConfigError
+    from rpg_dist.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="batch_size: 256 is not divisible"):
+        TrainConfig(batch_size=256, num_workers=3)
+    with pytest.raises(ConfigError, match="precision: fp16 needs use_gpu"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="num_workers: launcher 'local'"):
+        TrainConfig(launcher="local", num_workers=2)
+    assert TrainConfig(batch_size=256, num_workers=2, micro_batch_size=32).grad_accum_steps == 4
+
+
+def test_ray_resource_request_that_would_hang_is_refused(tmp_path):
+    from rpg_dist.train.ray_launcher import _check_resources
+
+    cfg = debug_config("d", str(tmp_path), "train.launcher=ray", "train.num_workers=2", "train.cpus_per_worker=1")
+    # 2 workers x 1 CPU fill a 2-CPU cluster: Ray Data's read tasks would wait forever.
+    with pytest.raises(StageError, match="train.cpus_per_worker"):
+        _check_resources(cfg, {"CPU": 2.0})
+    _check_resources(debug_config("d", str(tmp_path), "train.launcher=ray", "train.num_workers=2",
+                                  "train.cpus_per_worker=0.5"), {"CPU": 2.0})

@@ -230,7 +230,9 @@ class RPG(nn.Module):
         """
         n, d = hidden.shape
         z = torch.addmm(self.head_bias.reshape(-1, 1), self.head_weight.reshape(-1, d), hidden.t())  # (m*d, N)
-        return hidden.t().unsqueeze(0) + F.silu(z).view(self.n_digit, d, n)
+        # Under bf16 autocast z is bf16; keeping the sum in z's dtype halves the traffic of the
+        # largest activation, and the logit GEMM would round it to bf16 anyway.
+        return hidden.t().to(z.dtype).unsqueeze(0) + F.silu(z).view(self.n_digit, d, n)
 
     def digit_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Cosine logits over each digit's codebook: (m, d, N) -> (m, N, V).
@@ -240,7 +242,7 @@ class RPG(nn.Module):
         """
         table = F.normalize(self.token_embeddings, dim=-1)  # (m, V, d)
         raw = torch.bmm(states.transpose(1, 2), table.transpose(1, 2))  # (m, N, V)
-        norms = torch.linalg.vector_norm(states, dim=1).clamp_min(1e-12)  # (m, N), as F.normalize
+        norms = torch.linalg.vector_norm(states, dim=1, dtype=torch.float32).clamp_min(1e-12)  # (m, N), as F.normalize
         return raw * (norms * self.cfg.temperature).reciprocal().unsqueeze(-1)
 
     def forward(

@@ -157,6 +157,7 @@ class Trainer:
                 self._checkpoint()
         elapsed = time.perf_counter() - started
         summary = self._summary(elapsed, (self.state.step - start_step) * self.tc.batch_size)
+        summary["peak_rss_mb"] = round(float(self.all_reduce(torch.tensor(_peak_rss_mb(), dtype=torch.float64), dist.ReduceOp.MAX)), 1)
         self.sinks.flush()
         if self.rt.is_main:
             self._export(summary)
@@ -222,7 +223,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             with self.autocast:
                 loss = self.engine(batch["items"].to(device), batch["lengths"].to(device),
-                                   batch["targets"].to(device), denominator.to(device))
+                                   batch["targets"].to(device), denominator.float().to(device))
             self.engine.backward(loss)
             step_loss += loss.detach().float()
             if i < accum - 1:
@@ -259,7 +260,7 @@ class Trainer:
     # ---- validation, checkpoints, export --------------------------------------------------------
 
     def _validate(self) -> None:
-        state = self.state
+        state, started = self.state, time.perf_counter()
         weights = engine_lib.full_state_dict(self.engine)  # collective under ZeRO-3
         self.eval_model.load_state_dict(weights)
         eval_cfg = self.cfg.eval
@@ -268,6 +269,7 @@ class Trainer:
         metrics = metrics_from_sums(self.all_reduce(sums), ks)
         entry = state.history[-1]
         entry.update({f"val/{k}": v for k, v in metrics.items()})
+        entry["val_seconds"] = round(time.perf_counter() - started, 2)
         self.sinks.epoch(entry["epoch"], state.step, {k: v for k, v in entry.items() if k not in ("epoch", "step")})
         if metrics[VAL_METRIC] > state.best_ndcg:
             state.best_ndcg, state.best_epoch, state.best_metrics = metrics[VAL_METRIC], entry["epoch"], metrics
@@ -364,6 +366,13 @@ def _chunks(iterator, size: int):
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Dropout RNG from (seed, epoch, rank): resuming at an epoch boundary replays the same masks."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _broadcast_object(obj: Any) -> Any:

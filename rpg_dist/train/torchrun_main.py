@@ -1,6 +1,7 @@
 """torchrun / deepspeed-launcher entry point: every process runs one rank of ``rpg-dist train``.
 
     torchrun --nproc_per_node 2 -m rpg_dist.train.torchrun_main --config C [--set k=v ...]
+    deepspeed --num_gpus 8 --module rpg_dist.train.torchrun_main --config C
     torchrun --nnodes 2 --node_rank R --master_addr HEAD --nproc_per_node 8 \\
         -m rpg_dist.train.torchrun_main --config C --set run_dir=s3://bucket/run
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--summary-out", default=None, help="rank 0 writes the summary JSON here")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment is what is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
