@@ -108,21 +108,33 @@ def test_ray_exact_build_equals_twin_and_partitions_keep_edges_inside(ray_local)
     assert built.info["cross_partition_edge_fraction"] < 0.2
 
 
-def test_ray_approx_build_recall(ray_local):
+@pytest.mark.parametrize("method", ["ivf_blocks", "faiss_index"])
+def test_ray_approx_build_recall(ray_local, method):
     codes = clustered_codes(4000, 16, n_clusters=40, keep=0.7, seed=4)
     table = random_token_table(16, 256, 24, seed=4)
-    cfg = GraphConfig(mode="approx", n_edges=30, block_size=1000, approx_index="IVF16,Flat",
-                      approx_params="nprobe=4", approx_dim=64, approx_candidates=200,
-                      approx_train_size=4000, recall_sample=300, n_partitions=2)
+    cfg = GraphConfig(mode="approx", approx_method=method, n_edges=30, block_size=1000,
+                      approx_nlist=32, approx_nprobe=4, approx_index="IVF16,Flat", approx_params="nprobe=4",
+                      approx_dim=64, approx_candidates=200, recall_sample=300, n_partitions=2)
     built = build_item_graph(table, codes, cfg, seed=0)
     exact = dense_neighbors_reference(digit_similarity_tables(table), codes, 30)
     recall = np.mean([len(set(a) & set(b)) / 30 for a, b in zip(built.neighbors.tolist(), exact.tolist())])
     assert recall >= 0.9
     assert built.stats["recall@30"] == pytest.approx(recall, abs=0.05)
+    assert built.info["approx_method"] == method and built.info["candidates_per_item_mean"] < 4000
     assert not (built.neighbors == np.arange(4000)[:, None]).any()
-    # Reranked lists are ordered exactly like exact mode's where they agree on the set.
+    # Candidates are scored exactly: where the sets agree, the order is exact mode's (ties included).
     same = [i for i in range(4000) if set(built.neighbors[i]) == set(exact[i])]
     assert len(same) > 100 and all((built.neighbors[i] == exact[i]).all() for i in same)
+
+
+def test_ivf_blocks_with_every_list_probed_is_exact(ray_local):
+    codes = clustered_codes(900, 8, n_clusters=9, keep=0.6, seed=8)
+    table = random_token_table(8, 256, 16, seed=8)
+    cfg = GraphConfig(mode="approx", n_edges=15, approx_nlist=6, approx_nprobe=6, block_size=100,
+                      item_chunk=128, recall_sample=50)
+    built = build_item_graph(table, codes, cfg, seed=0)
+    assert np.array_equal(built.neighbors, dense_neighbors_reference(digit_similarity_tables(table), codes, 15))
+    assert built.stats["recall@15"] == 1.0 and built.info["approx_nlist"] == 6
 
 
 def _tiny_run(tmp_root: str, n_items: int = 300, n_digit: int = 8):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rpg_dist.graph.approx import ItemReducer, approx_neighbors, build_index
+from rpg_dist.graph.approx import ItemReducer, approx_neighbors, build_index, ivf_list_neighbors, plan_ivf
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import cross_fraction, kmeans_partition, refine_partition
@@ -36,34 +36,44 @@ class BuiltGraph:
 
 
 class GraphWorker:
-    """Ray actor: neighbour lists for blocks of item rows (exact, or faiss candidates + exact rerank)."""
+    """Ray actor: neighbour lists for blocks of items, exact or approximate.
+
+    ``approx`` holds the approximate method's shared state: ``{"method": "faiss_index", "index":
+    serialised faiss index, "reducer", "n_candidates"}`` or ``{"method": "ivf_blocks", "plan"}``.
+    """
 
     def __init__(self, tables: np.ndarray, codes_t: np.ndarray, n_edges: int, item_chunk: int,
-                 threads: int, approx: dict[str, Any] | None = None) -> None:
+                 query_block: int, threads: int, approx: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(threads)
         self.tables = torch.from_numpy(np.array(tables))  # (m, V, V), writable copy
         self.codes_t = torch.from_numpy(np.array(codes_t))  # (m, N) int16
         self.n_edges = n_edges
         self.item_chunk = item_chunk
-        self.approx = None
-        if approx is not None:
+        self.query_block = query_block
+        self.approx = approx or {}
+        if self.approx.get("method") == "faiss_index":
             import faiss
 
             faiss.omp_set_num_threads(threads)
-            self.index = faiss.deserialize_index(approx["index"])
-            self.reducer = approx["reducer"]
-            self.n_candidates = approx["n_candidates"]
-            self.approx = True
+            self.index = faiss.deserialize_index(self.approx["index"])
 
-    def block(self, lo: int, hi: int) -> tuple[int, np.ndarray]:
-        """Neighbours of rows [lo, hi) in this worker's mode: (lo, (hi-lo, k) int32)."""
+    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours of rows [lo, hi): (rows, (hi-lo, k) int32), exact or via the faiss index."""
         rows = torch.arange(lo, hi)
-        if self.approx:
-            found = approx_neighbors(self.index, self.reducer, self.tables, self.codes_t, rows,
-                                     self.n_edges, self.n_candidates)
+        if self.approx.get("method") == "faiss_index":
+            found = approx_neighbors(self.index, self.approx["reducer"], self.tables, self.codes_t, rows,
+                                     self.n_edges, self.approx["n_candidates"])
         else:
             found = exact_neighbors(self.tables, self.codes_t, rows, self.n_edges, self.item_chunk)
-        return lo, found.to(torch.int32).numpy()
+        return rows.numpy(), found.to(torch.int32).numpy()
+
+    def lists(self, list_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """ivf_blocks: neighbours of the items of these lists: (rows, (len(rows), k) int32)."""
+        plan = self.approx["plan"]
+        found = [ivf_list_neighbors(self.tables, self.codes_t, plan, l, self.n_edges, self.item_chunk,
+                                    self.query_block) for l in list_ids]
+        rows = np.concatenate([r for r, _ in found])
+        return rows, torch.cat([n for _, n in found]).to(torch.int32).numpy()
 
     def exact(self, rows: np.ndarray) -> np.ndarray:
         """Exact neighbours of arbitrary rows (the recall check): (len(rows), k) int32."""
@@ -87,12 +97,14 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     tables = digit_similarity_tables(token_embeddings)  # (m, V, V)
     codes_t = codes.t().to(torch.int16).contiguous()  # (m, N)
     approx = None
+    approx_info = {}
     if cfg.mode == "approx":
         approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
         timings["approx_index_s"] = time.perf_counter() - clock
+        approx_info = _describe(approx, cfg)
     workers = _start_workers(tables, codes_t, n_edges, cfg, approx)
     clock = time.perf_counter()
-    neighbors = _run_blocks(workers, n_items, n_edges, cfg.block_size)
+    neighbors = _run_tasks(workers, _tasks(n_items, cfg.block_size, approx), n_items, n_edges)
     timings["neighbors_s"] = time.perf_counter() - clock
     stats = {}
     if cfg.mode == "approx" and cfg.recall_sample:
@@ -111,21 +123,41 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         "partition_method": method,
         "partition_sizes": np.bincount(partition, minlength=cfg.n_partitions).tolist(),
         "cross_partition_edge_fraction": cross_fraction(partition, neighbors),
+        **approx_info,
         "timings_s": timings,
     }
     return BuiltGraph(neighbors=neighbors, partition=partition, info=info, stats=stats)
 
 
 def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, seed: int) -> dict[str, Any]:
-    """Fit the reduction and the faiss index once, in the driver; workers get serialised copies."""
+    """Fit the reduction and the lists or index once, in the driver; workers get copies."""
     import faiss
 
-    reducer = ItemReducer(token_embeddings, codes, cfg.approx_dim, cfg.approx_fit_sample, seed)
+    reducer = ItemReducer(token_embeddings, codes, cfg.approx_dim, cfg.approx_fit_sample, seed, cfg.approx_projection)
     train_size = min(cfg.approx_train_size, codes.shape[0])
+    if cfg.approx_method == "ivf_blocks":
+        nlist = cfg.approx_nlist or max(1, codes.shape[0] // 256)
+        plan = plan_ivf(reducer.project_all(codes), nlist, cfg.approx_nprobe, seed, train_size)
+        return {"method": "ivf_blocks", "plan": plan}
     index = build_index(reducer, codes, cfg.approx_index, cfg.approx_params, train_size, seed)
     blob = faiss.serialize_index(index)  # uint8 numpy array: no pickle of faiss objects
     del index
-    return {"index": blob, "reducer": reducer, "n_candidates": max(cfg.approx_candidates, n_edges)}
+    return {"method": "faiss_index", "index": blob, "reducer": reducer,
+            "n_candidates": max(cfg.approx_candidates, n_edges)}
+
+
+def _describe(approx: dict[str, Any], cfg: GraphConfig) -> dict[str, Any]:
+    """What the manifest says about the approximate method actually used."""
+    out = {"approx_method": approx["method"], "approx_projection": cfg.approx_projection, "approx_dim": cfg.approx_dim}
+    if approx["method"] == "ivf_blocks":
+        plan = approx["plan"]
+        sizes = np.diff(plan.offsets)
+        out.update(approx_nlist=int(len(sizes)), approx_nprobe=int(plan.probes.shape[1]),
+                   candidates_per_item_mean=float((sizes * sizes[plan.probes].sum(axis=1)).sum() / max(sizes.sum(), 1)))
+    else:
+        out.update(approx_index=cfg.approx_index, approx_params=cfg.approx_params,
+                   candidates_per_item_mean=float(approx["n_candidates"]))
+    return out
 
 
 def _start_workers(tables, codes_t, n_edges: int, cfg: GraphConfig, approx) -> list:
@@ -135,24 +167,40 @@ def _start_workers(tables, codes_t, n_edges: int, cfg: GraphConfig, approx) -> l
     tables_ref, codes_ref = ray.put(tables.numpy()), ray.put(codes_t.numpy())
     approx_ref = ray.put(approx) if approx is not None else None
     return [
-        remote.remote(tables_ref, codes_ref, n_edges, cfg.item_chunk, cfg.threads_per_actor, approx_ref)
+        remote.remote(tables_ref, codes_ref, n_edges, cfg.item_chunk, cfg.block_size, cfg.threads_per_actor, approx_ref)
         for _ in range(cfg.num_actors)
     ]
 
 
-def _run_blocks(workers: list, n_items: int, n_edges: int, block_size: int) -> np.ndarray:
-    """Every block once, on whichever worker is free; results land in one (N, k) int32 array."""
+def _tasks(n_items: int, block_size: int, approx) -> list[tuple[str, tuple]]:
+    """(method name, arguments) per task: row ranges, or groups of whole IVF lists of ~block_size items."""
+    if approx is None or approx["method"] == "faiss_index":
+        return [("block", (lo, min(lo + block_size, n_items))) for lo in range(0, n_items, block_size)]
+    sizes = np.diff(approx["plan"].offsets)
+    tasks, group, filled = [], [], 0
+    for list_id, size in enumerate(sizes.tolist()):
+        group.append(list_id)
+        filled += size
+        if filled >= block_size:
+            tasks.append(("lists", (group,)))
+            group, filled = [], 0
+    if group:
+        tasks.append(("lists", (group,)))
+    return tasks
+
+
+def _run_tasks(workers: list, tasks: list[tuple[str, tuple]], n_items: int, n_edges: int) -> np.ndarray:
+    """Every task once, on whichever worker is free; results land in one (N, k) int32 array."""
     from ray.util import ActorPool
 
-    neighbors = np.empty((n_items, n_edges), np.int32)
-    blocks = [(lo, min(lo + block_size, n_items)) for lo in range(0, n_items, block_size)]
+    neighbors = np.full((n_items, n_edges), -1, np.int32)
     pool = ActorPool(workers)
     done = 0
-    for lo, rows in pool.map_unordered(lambda worker, b: worker.block.remote(*b), blocks):
-        neighbors[lo : lo + len(rows)] = rows
+    for rows, found in pool.map_unordered(lambda worker, t: getattr(worker, t[0]).remote(*t[1]), tasks):
+        neighbors[rows] = found
         done += 1
-        if done % max(1, len(blocks) // 10) == 0:
-            log.info("graph: %d/%d blocks", done, len(blocks))
+        if done % max(1, len(tasks) // 10) == 0:
+            log.info("graph: %d/%d tasks", done, len(tasks))
     return neighbors
 
 

@@ -14,7 +14,8 @@ class GraphConfig:
     # approx: a faiss index over reduced item vectors, candidates reranked exactly.
     mode: Literal["exact", "approx"] = "exact"
     n_edges: int = 200
-    # Query items per task sent to a worker; memory per worker is O(block_size x (item_chunk + n_edges)).
+    # Query items per task sent to a worker (ivf_blocks: items of whole lists, about this many);
+    # memory per worker is O(block_size x (item_chunk + n_edges)).
     block_size: int = 1024
     # Items scored per merge step inside a block.
     item_chunk: int = 8192
@@ -23,18 +24,26 @@ class GraphConfig:
     num_cpus_per_actor: float = 0.5
     # torch/faiss threads per actor (the cores it may really use).
     threads_per_actor: int = 1
-    # faiss index factory string over the reduced vectors (IVF, HNSW, IVF-PQ...), inner product.
+    # How approximate mode finds candidates (see rpg_dist/graph/approx.py): ivf_blocks scores each
+    # k-means list's items against the items of its nprobe nearest lists; faiss_index searches any
+    # faiss index per item and reranks its candidates. Both score candidates exactly.
+    approx_method: Literal["ivf_blocks", "faiss_index"] = "ivf_blocks"
+    # Reduction of the concatenated item vectors: gaussian (random projection) or pca (of a sample).
+    approx_projection: Literal["gaussian", "pca"] = "gaussian"
+    # D of the reduced item vectors (the full m*d vectors never exist).
+    approx_dim: int = 64
+    # ivf_blocks: k-means lists (0: n_items // 256) and lists searched per list.
+    approx_nlist: int = 0
+    approx_nprobe: int = 16
+    # faiss_index: index factory string over the reduced vectors (inner product), search-time
+    # ParameterSpace string (e.g. "nprobe=32", "efSearch=256") and candidates reranked per item.
     approx_index: str = "IVF1024,Flat"
-    # faiss ParameterSpace string applied at search time, e.g. "nprobe=32" or "efSearch=256".
     approx_params: str = "nprobe=32"
-    # D of the reduced item vectors the index holds (the full m*d vectors never exist).
-    approx_dim: int = 128
-    # Candidates per item returned by the index and reranked with the exact similarity.
     approx_candidates: int = 800
-    # Items whose concatenated vectors are materialised to fit the reduction (x m*d floats).
+    # pca: items whose concatenated vectors are materialised to fit the reduction (x m*d floats).
     approx_fit_sample: int = 4096
-    # Items the index is trained on.
-    approx_train_size: int = 65_536
+    # Items the k-means / the faiss index is trained on.
+    approx_train_size: int = 262_144
     # Items whose approximate neighbour lists are checked against exact ones (recall in stats.json).
     recall_sample: int = 1000
     n_partitions: int = 2
@@ -45,7 +54,8 @@ class GraphConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_edges", "block_size", "item_chunk", "num_actors", "threads_per_actor",
-                     "n_partitions", "approx_dim", "approx_fit_sample", "approx_train_size", "partition_dim"):
+                     "n_partitions", "approx_dim", "approx_nprobe", "approx_fit_sample", "approx_train_size",
+                     "partition_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.num_cpus_per_actor <= 0:
@@ -55,6 +65,6 @@ class GraphConfig:
                 f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
                 "the rerank needs at least n_edges candidates"
             )
-        for name in ("recall_sample", "refine_rounds"):
+        for name in ("recall_sample", "refine_rounds", "approx_nlist"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")

@@ -23,8 +23,9 @@ def exact_neighbors(
     query_rows: torch.Tensor,
     n_edges: int,
     chunk: int = DEFAULT_CHUNK,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Top-``n_edges`` neighbours of ``query_rows`` against every item.
+    """Top-``n_edges`` neighbours of ``query_rows`` among all items (or among ``candidates``).
 
     Args:
         tables: (m, V, V) digit cosine tables.
@@ -32,21 +33,23 @@ def exact_neighbors(
         query_rows: (Q,) int64 rows of the query items.
         n_edges: neighbours per item.
         chunk: items scored per merge step.
+        candidates: (C,) distinct int64 rows to search instead of the whole catalogue.
 
     Returns:
-        (Q, n_edges) int64 neighbour rows, best first; -1 where fewer than n_edges other items exist.
+        (Q, n_edges) int64 neighbour rows, best first; -1 where fewer than n_edges others exist.
+        Keys carry the rows, so the result does not depend on chunking or candidate order.
     """
-    n_items = codes_t.shape[1]
     query_rows = query_rows.long()
     query_codes = codes_t[:, query_rows].t().long()  # (Q, m)
+    n_search = codes_t.shape[1] if candidates is None else len(candidates)
     best = torch.empty(len(query_rows), 0, dtype=torch.int64)
-    for lo in range(0, n_items, chunk):
-        hi = min(lo + chunk, n_items)
-        sums = block_sums(tables, query_codes, codes_t[:, lo:hi].long())  # (Q, c)
-        keys = ranking_keys(sums, torch.arange(lo, hi).expand_as(sums))
-        own = (query_rows >= lo) & (query_rows < hi)
+    for lo in range(0, n_search, chunk):
+        hi = min(lo + chunk, n_search)
+        rows = torch.arange(lo, hi) if candidates is None else candidates[lo:hi].long()
+        sums = block_sums(tables, query_codes, codes_t[:, rows].long())  # (Q, c)
+        keys = ranking_keys(sums, rows.expand_as(sums))
         # An item is not its own neighbour (its similarity to itself is the maximum, 1).
-        keys[own.nonzero().squeeze(1), query_rows[own] - lo] = MIN_KEY
+        keys.masked_fill_(query_rows.unsqueeze(1) == rows.unsqueeze(0), MIN_KEY)
         top = torch.topk(keys, min(n_edges, hi - lo), dim=1).values
         best = merge_topk(best, top, min(n_edges, best.shape[1] + top.shape[1]))
     return keys_to_rows(best, n_edges)
