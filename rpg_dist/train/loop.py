@@ -61,14 +61,7 @@ class Trainer:
         self.storage = cfg.storage
         self.threads = set_threads(self.tc.torch_threads, runtime.local_world_size)
         self._check_world()
-        semantic_ids = load_semantic_ids(self.paths.semantic_ids, self.storage)
-        fingerprint = semantic_ids_fingerprint(semantic_ids)
-        self.manifest = _read_manifest(self.paths.windows, fingerprint, cfg, self.storage)
-        codes = torch.from_numpy(semantic_ids.codes)
-        torch.manual_seed(cfg.seed)
-        model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes)
-        self.eval_model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes).to(runtime.device)
-        self.identity = model_metadata(model, fingerprint)
+        model = self._build_models()
         self.micro_per_epoch = windows.micro_batches_per_epoch(
             self.manifest["n_windows"], runtime.world_size, self.tc.micro_batch,
             self.tc.grad_accum_steps, runtime.launcher,
@@ -98,6 +91,20 @@ class Trainer:
                 f"{self.rt.world_size} processes; pass --set train.num_workers={self.rt.world_size}"
             )
 
+    def _build_models(self) -> RPG:
+        """The model to train (seeded init), a plain copy for validation, and their identity."""
+        cfg = self.cfg
+        semantic_ids = load_semantic_ids(self.paths.semantic_ids, self.storage)
+        fingerprint = semantic_ids_fingerprint(semantic_ids)
+        self.manifest = _read_manifest(self.paths.windows, fingerprint, cfg, self.storage)
+        codes = torch.from_numpy(semantic_ids.codes)  # (n_items, m) int16, shared by both models
+        torch.manual_seed(cfg.seed)
+        model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes)
+        # Validation runs on this plain module: under ZeRO-3 the engine's own parameters are shards.
+        self.eval_model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes).to(self.rt.device)
+        self.identity = model_metadata(model, fingerprint)
+        return model
+
     def _train_source(self):
         """This rank's micro-batches: Ray Data's shard under Ray Train, else its parquet blocks."""
         common = dict(micro=self.tc.micro_batch, n_micro=self.micro_per_epoch, seed=self.cfg.seed,
@@ -115,7 +122,8 @@ class Trainer:
         return {
             "world_size": self.rt.world_size, "zero_stage": self.tc.zero_stage,
             "batch_size": self.tc.batch_size, "micro_batch": self.tc.micro_batch,
-            "precision": engine_lib.resolved_precision(self.tc),
+            # bf16-autocast keeps fp32 weights: it may resume an fp32 run and the other way round.
+            "weights": {"bf16": "bf16", "fp16": "fp16"}.get(engine_lib.resolved_precision(self.tc), "fp32"),
             "n_windows": self.manifest["n_windows"], "seed": self.cfg.seed,
         }
 
