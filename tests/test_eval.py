@@ -148,3 +148,6 @@ def test_evaluate_sharded_equals_in_process(tmp_path, synth_dataset, ray_local):
     for split in ("val", "test"):
         for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "n_visited_items"):
             assert sharded[split][key] == local[split][key]
+        steps = sharded[split]["sharded_step_stats"]
+        assert [s["step"] for s in steps] == [0, 1, 2] and all(s["bytes"] > 0 for s in steps)
+        assert "sharded_step_stats" not in local[split]

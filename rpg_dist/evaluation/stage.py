@@ -145,6 +145,7 @@ def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries
     generator = torch.Generator().manual_seed(cfg.decode.seed)
     graph_ranked, full_ranked, visited = [], [], []
     spent = {"model": 0.0, "graph": 0.0, "full": 0.0}
+    traffic: list[dict[str, int]] = []
     for items, lengths, _ in queries.batches(cfg.eval.batch_size):
         clock = time.perf_counter()
         log_probs = model.next_token_log_probs(items, lengths).float()  # (B, m, V)
@@ -155,6 +156,7 @@ def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries
         else:
             start = random_start_items(len(lengths), codes.shape[0], cfg.decode.num_beams, generator)
         result = decoder.decode(log_probs, start, top_k)
+        _add_step_stats(traffic, getattr(decoder, "step_stats", []))
         graph_ranked.append(result.items.numpy())
         visited.append(result.n_visited.numpy())
         spent["graph"] += time.perf_counter() - clock
@@ -165,6 +167,8 @@ def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries
     graph = ranking_metrics(np.concatenate(graph_ranked), queries.targets, ks)
     graph["n_visited_items"] = float(np.concatenate(visited).mean())
     graph["queries_per_s"] = len(queries.targets) / max(spent["graph"], 1e-9)
+    if traffic:
+        graph["sharded_step_stats"] = traffic  # per step, summed over batches
     timings.update({f"{name}_model_s": spent["model"], f"{name}_graph_decode_s": spent["graph"]})
     log.info("%s: graph decoding %s", name, _fmt(graph))
     full = None
@@ -174,6 +178,16 @@ def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries
         timings[f"{name}_full_ranking_s"] = spent["full"]
         log.info("%s: full ranking %s", name, _fmt(full))
     return graph, full
+
+
+def _add_step_stats(total: list[dict[str, int]], batch: list[dict[str, int]]) -> None:
+    """Accumulate a sharded decoder's per-step messages, bytes and cross-shard pairs over batches."""
+    for step, stats in enumerate(batch):
+        if step == len(total):
+            total.append({"step": step})
+        for key, value in stats.items():
+            if key != "step":
+                total[step][key] = total[step].get(key, 0) + value
 
 
 def _merge_write(uri: str, metrics: dict[str, Any], cfg: Config) -> None:
