@@ -198,4 +198,4 @@ def _merge_write(uri: str, metrics: dict[str, Any], cfg: Config) -> None:
 
 
 def _fmt(values: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float))
