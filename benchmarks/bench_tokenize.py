@@ -34,6 +34,9 @@ from collections import defaultdict
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# The environment the stage gives its Ray workers (shards.worker_env), here too, before torch/faiss
+# load OpenMP: the plain-process baseline and in-process OPQ figures run under the same conditions.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from rpg_dist import io  # noqa: E402
 from rpg_dist.artifacts import RunPaths  # noqa: E402

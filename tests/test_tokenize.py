@@ -188,3 +188,27 @@ def test_config_rules_name_the_field():
         stage._check_dim(100, TokenizeConfig(n_digit=8))
     stage._check_dim(384, TokenizeConfig(n_digit=64))
 
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not opq.gpu_available(), reason="needs faiss-gpu and a CUDA device")
+def test_gpu_training_codes_equal_the_brute_force_twin():
+    x = clustered(20_000, 64, 5)
+    index = opq.train_index(x, TokenizeConfig(n_digit=16, opq_niter=3), seed=5, threads=4)
+    np.testing.assert_array_equal(opq.encode(index, x[:2000]), opq.brute_force_codes(index, x[:2000]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_gpu_embeddings_match_cpu():
+    texts = ["waterproof mascara, black", "stainless steel frying pan 28 cm", "dog leash"]
+    on_cpu = embed.embed_texts(embed.load_encoder("bundled", "float32", "cpu", 2), texts, 8)
+    on_gpu = embed.embed_texts(embed.load_encoder("bundled", "float32", "cuda", 2), texts, 8)
+    cos = (on_cpu * on_gpu).sum(1) / np.linalg.norm(on_cpu, axis=1) / np.linalg.norm(on_gpu, axis=1)
+    assert cos.min() > 0.999

@@ -72,6 +72,9 @@ def test_outputs_match_the_dataset_and_the_brute_force_twin(tokenized, synth_dat
     assert stats == io.read_json(paths.tokenizer_stats)
     assert len(stats["digit_entropy_bits"]) == 16 and stats["usage_min_mean_max"][2] <= 256
     # OPQ saw exactly the training-sequence items (fewer than the catalogue: held-out-only items).
+    # Workers ran with the tokenize worker environment (sleeping, not spinning, OpenMP threads).
+    manifests = shards.read_manifests(paths.embedding_manifests) + shards.read_manifests(paths.code_manifests)
+    assert {m["omp_wait_policy"] for m in manifests} == {"PASSIVE"}
     n_train = len(stage.training_item_ids(synth_dataset, None, cfg.model.max_seq_len))
     assert stats["opq"]["n_sample"] == n_train < len(ids)
 

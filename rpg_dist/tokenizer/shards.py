@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".json"
+# Worker environment, set before any library loads: OpenMP threads that sleep at barriers instead of
+# spinning. Spinning collapses when cores are oversubscribed (2 faiss threads training PQ on a busy
+# 2-core box: 65 s spinning vs 8 s passive), and a shared cluster node often is.
+_OMP = "OMP_WAIT_POLICY"
 _ERRORS = {cls.__name__: cls for cls in (errors.ConfigError, errors.DataError, errors.StorageError, errors.StageError)}
 
 
@@ -151,6 +155,7 @@ def write_manifest(manifest_dir: str, key: str, fingerprint: str, storage: Stora
         "pid": os.getpid(),
         # ru_maxrss is in KiB on Linux: the process's peak so far, i.e. the worker's high-water mark.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "omp_wait_policy": os.environ.get(_OMP),
         **fields,
     }
     io.write_json(io.join(manifest_dir, manifest_name(key, fingerprint)), manifest, storage)
@@ -174,8 +179,13 @@ def shard_node_ids(run_dir: str, storage: StorageConfig | None = None, kind: str
     return [m["node_id"] for d in chosen for m in read_manifests(d, storage)]
 
 
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """``runtime_env`` for tokenize workers (its env_vars merge with the job's own)."""
+    return {"env_vars": {_OMP: os.environ.get(_OMP, "PASSIVE"), **(extra or {})}}
+
+
 def run_shards(tasks: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[str, Any],
-               pool: PoolSpec, what: str) -> list[dict[str, Any]]:
+               pool: PoolSpec, what: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run ``worker_cls(**worker_kwargs)`` over shard descriptors on a Ray Data actor pool.
 
     Returns the manifests of the shards run, in completion order.
@@ -199,6 +209,7 @@ def run_shards(tasks: list[dict[str, Any]], worker_cls: type, worker_kwargs: dic
         compute=ray.data.ActorPoolStrategy(size=min(pool.concurrency, len(tasks))),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
+        runtime_env=worker_env(env),
         # Ray Data places pool actors with its default "SPREAD" strategy: every node of a cluster
         # works, and one node's death loses the least.
     )

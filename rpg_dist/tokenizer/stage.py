@@ -135,7 +135,7 @@ def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: 
     pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor, num_gpus=_embed_gpus(t),
                            start_timeout_s=t.actor_start_timeout_s)
     manifests = shards.run_shards([_shard_task(s) for s in pending], embed.ShardEmbedder, worker_kwargs,
-                                  pool, "embed")
+                                  pool, "embed", env=embed.OFFLINE_ENV)
     seconds = time.perf_counter() - start
     n_items = sum(m["n_items"] for m in manifests)
     missing = set(s.key for s in plan) - set(shards.committed(paths.embedding_manifests, storage))
@@ -163,7 +163,8 @@ def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: in
     sample = training_sample(cfg.dataset, storage, cfg.model.max_seq_len, t.opq_sample_size, cfg.seed)
     parts = [io.join(paths.embeddings, shards.part_name(k)) for k in keys]
     use_gpu = _cluster_gpus() > 0 and _driver_faiss_has_gpu()
-    task = ray.remote(num_cpus=t.opq_num_cpus, num_gpus=1 if use_gpu else 0, max_retries=2)(opq.train_remote)
+    task = ray.remote(num_cpus=t.opq_num_cpus, num_gpus=1 if use_gpu else 0, max_retries=2,
+                      runtime_env=shards.worker_env())(opq.train_remote)
     log.info("opq: training %s on %d items (dim %d)", opq.factory_string(t), len(sample), dim)
     result = ray.get(task.remote(parts, sample, t, cfg.seed, t.opq_threads, storage))
     if isinstance(result, RpgDistError):
