@@ -150,7 +150,11 @@ def _stage(fn: Callable) -> Callable[[argparse.Namespace], int]:
     """Load the config first (bad configs fail fast, before heavy imports), then run the stage."""
 
     def handler(args: argparse.Namespace) -> int:
-        result = fn(_config(args), args)
+        from rpg_dist.recommend import save_run_config
+
+        cfg = _config(args)
+        save_run_config(cfg)
+        result = fn(cfg, args)
         if result is not None:
             _print_json(result)
         return 0

@@ -96,7 +96,10 @@ def run_pipeline(cfg: Config, force: list[str] | None = None) -> dict[str, Any]:
     unknown = force - set(STAGE_NAMES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_NAMES)}")
+    from rpg_dist.recommend import save_run_config
+
     paths = RunPaths(cfg.run_dir)
+    save_run_config(cfg)
     run_ids: dict[str, str] = {}
     wall: dict[str, float] = {}
     try:
@@ -117,7 +120,8 @@ def _run_stage(cfg: Config, paths: RunPaths, stage: Stage, run_ids: dict[str, st
     """Run or skip one stage; returns (its run id, seconds spent now)."""
     if stage.name == "prepare":
         return _prepare_stage(cfg, force, banner)
-    key = fingerprint({"config": stage.config(cfg), "upstream": {u: run_ids.get(u) for u in stage.upstream}})
+    inputs = {"config": stage.config(cfg), "upstream": {u: run_ids.get(u) for u in stage.upstream}}
+    key = fingerprint(inputs)
     manifest_uri = paths.stage_manifest(stage.name)
     manifest = io.read_json(manifest_uri, cfg.storage) if io.exists(manifest_uri, cfg.storage) else None
     done = all(io.exists(uri, cfg.storage) for uri in stage.outputs(cfg))
@@ -131,7 +135,7 @@ def _run_stage(cfg: Config, paths: RunPaths, stage: Stage, run_ids: dict[str, st
     run_id = uuid.uuid4().hex
     io.write_json(manifest_uri, {
         "version": MANIFEST_VERSION, "stage": stage.name, "fingerprint": key, "run_id": run_id,
-        "upstream": {u: run_ids.get(u) for u in stage.upstream}, "wall_s": seconds,
+        "inputs": inputs, "wall_s": seconds,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "result": result,
     }, cfg.storage)
     log.info("==== %s: done in %.1f s", banner, seconds)

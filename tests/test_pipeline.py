@@ -1,0 +1,168 @@
+"""`rpg-dist run` end to end on a tiny synthetic catalogue: every stage, skipping, --force, serving, S3."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rpg_dist import io
+from rpg_dist.artifacts import RunPaths
+from rpg_dist.config import StorageConfig, config_from_dict, load_config
+from rpg_dist.errors import DataError, StageError
+from rpg_dist.pipeline import format_metrics, run_pipeline
+from rpg_dist.recommend import Recommender, parse_history
+
+RPG = str(Path(sys.executable).parent / "rpg-dist")
+
+
+def tiny_config(dataset: str, run_dir: str, **sections) -> dict:
+    """The smallest config that exercises every stage (800 items, 8 digits, a 1-layer model)."""
+    cfg = {
+        "dataset": dataset,
+        "run_dir": run_dir,
+        "seed": 7,
+        "prepare": {"format": "synth", "n_items": 800, "n_users": 600},
+        "ray": {"num_cpus": 2},
+        "tokenize": {"n_digit": 8, "opq_niter": 2, "shard_size": 256, "embed_batch_size": 64},
+        "model": {"d_model": 32, "n_head": 2, "d_ffn": 64, "n_layer": 1, "embd_dropout": 0.1,
+                  "attn_dropout": 0.1, "max_seq_len": 20},
+        "train": {"launcher": "local", "batch_size": 64, "epochs": 2, "warmup_steps": 5, "lr": 0.003, "log_every": 5},
+        "graph": {"n_edges": 10, "num_actors": 1, "n_partitions": 2},
+        "decode": {"num_beams": 10, "steps": 2},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def _write_config(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _run_ids(run_dir: str, storage=None) -> dict[str, str]:
+    paths = RunPaths(run_dir)
+    return {s: io.read_json(paths.stage_manifest(s), storage)["run_id"]
+            for s in ("tokenize", "train", "build-graph", "evaluate")}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One complete tiny run through the CLI (`rpg-dist run`), shared by the tests below."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = _write_config(root / "tiny.yaml", tiny_config(str(root / "dataset"), str(root / "run")))
+    out = subprocess.run([RPG, "run", "--config", config], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return config, str(root / "run"), out
+
+
+def test_run_writes_every_artefact_and_the_metrics_table(tiny_run):
+    config, run_dir, out = tiny_run
+    paths = RunPaths(run_dir)
+    for uri in (paths.semantic_ids, paths.opq_index, paths.tokenizer_stats, paths.model_weights,
+                paths.model_config, paths.graph_manifest, paths.metrics, io.join(run_dir, "config.yaml")):
+        assert io.exists(uri), uri
+    metrics = io.read_json(paths.metrics)
+    for split in ("val", "test"):
+        assert {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "n_visited_items"} <= set(metrics[split])
+        assert 0 < metrics[split]["n_visited_items"] < 800  # decoding did not score the whole catalogue
+    assert {"recall@10", "ndcg@10"} <= set(metrics["test_full_ranking"]) and "ndcg@10" in metrics["popularity"]
+    assert set(metrics["pipeline"]["stage_wall_s"]) == {"prepare", "tokenize", "train", "build-graph", "evaluate"}
+    # Banners for every stage and the metrics table at the end.
+    for stage in ("prepare", "tokenize", "train", "build-graph", "evaluate"):
+        assert f"] {stage}:" in out.stderr
+    assert format_metrics(metrics).splitlines()[0].startswith("split") and "test_full_ranking" in out.stdout
+    assert f"run directory: {run_dir}" in out.stdout
+
+
+def test_rerun_skips_complete_stages_and_config_changes_redo_downstream(tiny_run):
+    config, run_dir, _ = tiny_run
+    cfg = load_config(config)
+    before = _run_ids(run_dir)
+    run_pipeline(cfg)
+    assert _run_ids(run_dir) == before  # nothing recomputed
+    run_pipeline(load_config(config, ["decode.steps=3"]))
+    after = _run_ids(run_dir)
+    assert {s for s in before if before[s] != after[s]} == {"evaluate"}
+    assert io.read_json(RunPaths(run_dir).metrics)["decode"]["steps"] == 3
+
+
+def test_force_redoes_a_stage_and_everything_after_it(tiny_run):
+    config, run_dir, _ = tiny_run
+    cfg = load_config(config, ["decode.steps=3"])
+    before = _run_ids(run_dir)
+    run_pipeline(cfg, force=["build-graph"])
+    after = _run_ids(run_dir)
+    assert {s for s in before if before[s] != after[s]} == {"build-graph", "evaluate"}
+
+
+def test_recommend_api_and_cli(tiny_run):
+    _, run_dir, _ = tiny_run
+    recommender = Recommender.load(run_dir)
+    graph = recommender.recommend([[5, 17, 300], [44]], k=5)
+    full = recommender.recommend([[5, 17, 300], [44]], k=5, full_ranking=True)
+    assert [len(r) for r in graph] == [5, 5] and [len(r) for r in full] == [5, 5]
+    for recs in graph + full:
+        scores = [r.score for r in recs]
+        assert scores == sorted(scores, reverse=True) and all(r.title for r in recs)
+    # Graph decoding can only find items as good as full ranking's best.
+    assert graph[0][0].score <= full[0][0].score + 1e-5
+    with pytest.raises(DataError, match="history: item_id 999999 is unknown"):
+        recommender.recommend([[5, 999999]])
+    out = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,17,300", "--k", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "history: 5,17,300" and len(out.stdout.splitlines()) == 5
+    bad = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,999999"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "item_id 999999 is unknown" in bad.stderr
+
+
+def test_parse_history_and_missing_run(tmp_path):
+    assert parse_history("12, 55,901") == [12, 55, 901]
+    with pytest.raises(DataError, match="expected comma-separated item ids"):
+        parse_history("12,x")
+    with pytest.raises(StageError, match="no config.yaml"):
+        Recommender.load(str(tmp_path))
+
+
+def test_stage_before_its_input_is_a_clear_error(tmp_path):
+    cfg = config_from_dict(tiny_config(str(tmp_path / "ds"), str(tmp_path / "run")))
+    from rpg_dist.train.stage import train
+
+    with pytest.raises(StageError, match="run `rpg-dist tokenize` first"):
+        train(cfg)
+
+
+def test_pipeline_on_s3(s3_bucket, tmp_path, ray_local):
+    """Dataset and run directory both on a real S3 server: prepare -> ... -> evaluate, then a rerun."""
+    endpoint, bucket = s3_bucket
+    storage = {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "region": "us-east-1"}
+    cfg = config_from_dict(tiny_config(f"s3://{bucket}/datasets/tiny", f"s3://{bucket}/runs/tiny",
+                                       storage=storage, train={"epochs": 1}))
+    metrics = run_pipeline(cfg)
+    assert metrics["test"]["n_visited_items"] > 0
+    s3 = StorageConfig(**storage)
+    paths = RunPaths(cfg.run_dir)
+    for uri in (paths.semantic_ids, paths.model_weights, paths.graph_manifest, paths.metrics):
+        assert io.exists(uri, s3), uri
+    before = _run_ids(cfg.run_dir, s3)
+    run_pipeline(cfg)
+    assert _run_ids(cfg.run_dir, s3) == before
+    served = Recommender.load(cfg.run_dir, s3).recommend([[1, 2, 3]], k=3)
+    assert len(served[0]) == 3
+    # The recorded config never holds the credentials.
+    assert "testing" not in io.read_text(io.join(cfg.run_dir, "config.yaml"), s3)
+
+
+def test_s3_missing_bucket_is_a_clear_error(s3_server):
+    from rpg_dist.errors import StorageError
+
+    storage = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    cfg = config_from_dict(tiny_config("s3://no-such-bucket/ds", "s3://no-such-bucket/run", storage=storage))
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        run_pipeline(cfg)
