@@ -239,7 +239,8 @@ def test_s3_dataset_and_run_dir(synth_dataset, s3_bucket, ray_local):
     s3_storage = make_cfg("s3://x/d", "s3://x/r", storage).storage
     fs, _ = io.filesystem(f"s3://{bucket}/", s3_storage)
     fs.put(synth_dataset, f"{bucket}/dataset", recursive=True)
-    cfg = make_cfg(f"s3://{bucket}/dataset", f"s3://{bucket}/run", storage, shard_size=200)
+    cfg = make_cfg(f"s3://{bucket}/dataset", f"s3://{bucket}/run", storage, shard_size=200, concurrency=1,
+                   opq_niter=2)
     stats = stage.tokenize(cfg)
     sem = load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids, cfg.storage)
     assert len(sem.index) == stats["n_items"] == 600

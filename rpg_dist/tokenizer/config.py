@@ -34,7 +34,7 @@ class TokenizeConfig:
     # Items per shard: one committed part file each, the unit of resume and retry. An actor holds
     # one shard's texts and embeddings at a time, so this bounds its memory (2048 x 384 x 4 B = 3 MB).
     shard_size: int = 2048
-    # Whitened PCA before OPQ (0 = off), fitted on the first pca_sample_size rows of the OPQ sample.
+    # Whitened PCA before OPQ (0 = off), fitted on a seeded subsample (pca_sample_size) of the OPQ one.
     # The paper reduced 3072 -> 512 dims.
     pca_dim: int = 0
     pca_sample_size: int = 200_000

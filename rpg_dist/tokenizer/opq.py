@@ -65,8 +65,10 @@ def train_index(x: np.ndarray, cfg: TokenizeConfig, seed: int, threads: int):
     faiss.omp_set_num_threads(threads)
     index = build_index(x.shape[1], cfg, seed)
     if cfg.pca_dim:
-        # PCA on its own (smaller) sample; IndexPreTransform.train then skips the trained transform.
-        index.chain.at(0).train(np.ascontiguousarray(x[: cfg.pca_sample_size]))
+        # PCA on its own (smaller, seeded) subsample; IndexPreTransform.train then skips it.
+        n_pca = min(len(x), cfg.pca_sample_size)
+        rows = np.sort(np.random.default_rng(seed).choice(len(x), size=n_pca, replace=False))
+        index.chain.at(0).train(np.ascontiguousarray(x[rows]))
     if gpu_available():
         _train_on_gpu(index, x)
     else:

@@ -15,6 +15,7 @@ instead of raising, because Ray wraps exceptions into types that lose our error 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -197,31 +198,49 @@ def run_shards(tasks: list[dict[str, Any]], worker_cls: type, worker_kwargs: dic
 
     if not tasks:
         return []
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.wait_for_min_actors_s = pool.start_timeout_s
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    out = ds.map_batches(
-        worker_cls,
-        fn_constructor_kwargs=worker_kwargs,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(pool.concurrency, len(tasks))),
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus or None,
-        runtime_env=worker_env(env),
-        # Ray Data places pool actors with its default "SPREAD" strategy: every node of a cluster
-        # works, and one node's death loses the least.
-    )
+    with _data_context(enable_progress_bars=False, wait_for_min_actors_s=pool.start_timeout_s):
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            worker_cls,
+            fn_constructor_kwargs=worker_kwargs,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(pool.concurrency, len(tasks))),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
+            runtime_env=worker_env(env),
+            # Ray Data places pool actors with its default "SPREAD" strategy: every node of a cluster
+            # works, and one node's death loses the least.
+        )
+        return _collect(ds, len(tasks), what)
+
+
+def _collect(ds, n_tasks: int, what: str) -> list[dict[str, Any]]:
+    """Manifests of the finished shards; the first error row is raised as its own error class."""
     manifests = []
     start = time.perf_counter()
-    for row in _iter_rows(out):
+    for row in _iter_rows(ds):
         if row["error_type"]:
             raise _ERRORS.get(row["error_type"], errors.StageError)(row["error"])
         manifests.append(json.loads(row["manifest"]))
-        if len(manifests) % max(1, len(tasks) // 10) == 0 or len(manifests) == len(tasks):
-            log.info("%s: %d/%d shards, %.1f s", what, len(manifests), len(tasks), time.perf_counter() - start)
+        if len(manifests) % max(1, n_tasks // 10) == 0 or len(manifests) == n_tasks:
+            log.info("%s: %d/%d shards, %.1f s", what, len(manifests), n_tasks, time.perf_counter() - start)
     return manifests
+
+
+@contextlib.contextmanager
+def _data_context(**values: Any) -> Iterator[None]:
+    """Set Ray Data context fields for this stage only (the context is process-global)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = {name: getattr(ctx, name) for name in values}
+    for name, value in values.items():
+        setattr(ctx, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ctx, name, value)
 
 
 def _iter_rows(ds) -> Iterator[dict[str, Any]]:
