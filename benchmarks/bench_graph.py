@@ -9,6 +9,9 @@
     python benchmarks/bench_graph.py --items 1000000 --mode approx
     # the similarity formulations head to head (lookups vs fp32/bf16 GEMM in the concatenated space)
     python benchmarks/bench_graph.py --formulations
+    # real codes (and a trained table): Beauty's semantic IDs, approximate vs exact recall
+    python benchmarks/bench_graph.py --semantic-ids runs/beauty/tokenizer/semantic_ids.parquet \
+        --run-dir runs/beauty --mode approx --set recall_sample=2000
 
 Token tables are i.i.d. Gaussian (m, 256, d). Codes (``--codes``): ``taxonomy`` (default) nests
 departments > categories > items like the synthetic catalogue, so items of a category share most
@@ -118,6 +121,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=12_101)
     parser.add_argument("--mode", choices=["exact", "approx"], default="exact")
     parser.add_argument("--codes", choices=["taxonomy", "uniform"], default="taxonomy")
+    parser.add_argument("--semantic-ids", help="use these codes (a semantic_ids.parquet, e.g. Beauty's) instead")
+    parser.add_argument("--run-dir", help="use this run's trained token_embeddings instead of a random table")
     parser.add_argument("--digits", type=int, default=32)
     parser.add_argument("--dim", type=int, default=448)
     parser.add_argument("--n-edges", type=int, default=200)
@@ -155,8 +160,20 @@ def run(args) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with PeakMemory() as memory:
         clock = time.perf_counter()
-        codes = make_codes(args.codes, args.items, args.digits, seed=0)
-        table = random_token_table(args.digits, 256, args.dim, seed=0)
+        if args.semantic_ids:
+            from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+
+            codes = torch.from_numpy(load_semantic_ids(args.semantic_ids).codes)
+            args.items, args.digits, args.codes = codes.shape[0], codes.shape[1], args.semantic_ids
+        else:
+            codes = make_codes(args.codes, args.items, args.digits, seed=0)
+        if args.run_dir:
+            from rpg_dist.graph.stage import load_token_embeddings
+
+            table = load_token_embeddings(args.run_dir)
+            args.dim = table.shape[2]
+        else:
+            table = random_token_table(args.digits, 256, args.dim, seed=0)
         data_s = time.perf_counter() - clock
         # Logical CPUs above the 2 cores: fractional actors never starve the driver.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -166,6 +183,7 @@ def run(args) -> dict:
         ray.shutdown()
     return {
         "items": args.items, "digits": args.digits, "dim": args.dim, "codes": args.codes,
+        "token_table": args.run_dir or "random",
         "config": {k: v for k, v in vars(cfg).items()},
         "data_s": data_s, "build_s": build_s, "peak_rss_gib": memory.peak / 2**30,
         **{k: v for k, v in built.info.items() if k != "partition_sizes"},

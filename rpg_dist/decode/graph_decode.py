@@ -77,8 +77,7 @@ class GraphDecoder:
         if neighbors.shape[0] != codes.shape[0]:
             raise ValueError(f"neighbors has {neighbors.shape[0]} rows but codes {codes.shape[0]}")
         self.n_items = codes.shape[0]
-        # Digit-major int64 codes: each digit's lookup is one index_select with no dtype conversion.
-        self.codes_t = codes.t().long().contiguous()  # (m, N)
+        self.codes = codes.contiguous()  # (N, m): a candidate's m codes are one 2*m-byte row
         self.neighbors = neighbors
         self.num_beams = num_beams
         self.steps = steps
@@ -101,27 +100,27 @@ class GraphDecoder:
         top_k = self.num_beams if top_k is None else top_k
         if start.shape[1] != self.num_beams or top_k > self.num_beams:
             raise ValueError(f"start must be (B, {self.num_beams}) and top_k <= {self.num_beams}")
-        log_probs_t = log_probs.transpose(0, 1).contiguous()  # (m, B, V): one contiguous slab per digit
+        flat = log_probs.reshape(log_probs.shape[0], -1)  # (B, m*V)
         keys, visited = [], []
         for lo in range(0, start.shape[0], self.chunk_size):
             chunk_keys, chunk_visited = self._decode_chunk(
-                log_probs_t[:, lo : lo + self.chunk_size], start[lo : lo + self.chunk_size].long()
+                flat[lo : lo + self.chunk_size], start[lo : lo + self.chunk_size].long()
             )
             keys.append(chunk_keys[:, :top_k])
             visited.append(chunk_visited)
         top = torch.cat(keys)
         return DecodeResult(key_rows(top), key_scores(top), torch.cat(visited))
 
-    def _decode_chunk(self, log_probs_t: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m, c, V) log-probs and (c, b) start rows -> (c, b) beam keys and (c,) visited counts."""
+    def _decode_chunk(self, log_probs: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, m*V) log-probs and (c, b) start rows -> (c, b) beam keys and (c,) visited counts."""
         visited = _VisitedCounter(start.shape[0], self.n_items)
         visited.add(start)
-        beam_keys = self._top_beams(log_probs_t, start, valid=None)
+        beam_keys = self._top_beams(log_probs, start, valid=None)
         for _ in range(self.steps):
             beam = key_rows(beam_keys)  # (c, b)
             candidates, valid = self._expand(beam)  # (c, b + b*k)
             visited.add(candidates)
-            beam_keys = self._top_beams(log_probs_t, candidates, valid)
+            beam_keys = self._top_beams(log_probs, candidates, valid)
         return beam_keys, visited.counts()
 
     def _expand(self, beam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +133,9 @@ class GraphDecoder:
         ones = torch.ones(c, b, dtype=torch.bool)
         return torch.cat([beam, neighbors], dim=1), torch.cat([ones, valid], dim=1)
 
-    def _top_beams(self, log_probs_t: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def _top_beams(self, log_probs: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Keys of the top-b distinct candidates per query, best first: (c, C) -> (c, b)."""
-        keys = ranking_keys(self._scores(log_probs_t, candidates), candidates)  # (c, C)
+        keys = ranking_keys(self._scores(log_probs, candidates), candidates)  # (c, C)
         if valid is not None:
             keys.masked_fill_(~valid, MIN_KEY)
         # Equal keys = same item: within the sorted shortlist they are adjacent.
@@ -145,13 +144,21 @@ class GraphDecoder:
         keys[:, 1:].masked_fill_(duplicate, MIN_KEY)
         return torch.topk(keys, self.num_beams, dim=1, sorted=True).values
 
-    def _scores(self, log_probs_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """(m, c, V) log-probs, (c, C) rows -> (c, C) scores; same digit order as ``item_scores``."""
-        n_digit = log_probs_t.shape[0]
-        flat = rows.reshape(-1)
-        total = log_probs_t[0].gather(1, self.codes_t[0].index_select(0, flat).view_as(rows))
+    def _scores(self, log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(c, m*V) log-probs, (c, C) rows -> (c, C) scores; same digit order as ``item_scores``.
+
+        One row gather of each candidate's codes (one cache line instead of m scattered reads),
+        one gather of all (c, C, m) log-probs, then the digits summed in order 0..m-1.
+        """
+        c, n_cand = rows.shape
+        n_digit = self.codes.shape[1]
+        offsets = torch.arange(n_digit) * (log_probs.shape[1] // n_digit)  # (m,) digit k's start in a row
+        codes = self.codes.index_select(0, rows.reshape(-1))  # (c*C, m) int16
+        index = (codes.long() + offsets).view(c, n_cand * n_digit)  # into each (m*V) row
+        values = log_probs.gather(1, index).view(c, n_cand, n_digit).permute(2, 0, 1).contiguous()  # (m, c, C)
+        total = values[0].clone()
         for k in range(1, n_digit):
-            total += log_probs_t[k].gather(1, self.codes_t[k].index_select(0, flat).view_as(rows))
+            total += values[k]
         return total / n_digit
 
 
