@@ -99,13 +99,15 @@ def test_resume_skips_complete_shards(tokenized, tmp_path):
     for uri in manifests[3:5]:
         io.remove(uri)
     io.remove(io.join(paths.embeddings, shards.part_name("000004")))
+    leftover = os.path.join(run_dir, "embeddings", ".tmp-0123456789ab-part-000004.parquet")
+    open(leftover, "wb").close()  # what a worker killed mid-write leaves behind
     untouched = io.join(paths.embeddings, shards.part_name("000000"))
     mtime = os.stat(untouched).st_mtime_ns
     resumed = stage.tokenize(make_cfg(cfg.dataset, run_dir))
     timings = resumed["timings"]
     assert (timings["embed_shards_run"], timings["embed_shards_skipped"]) == (2, stats["n_shards"] - 2)
     assert timings["opq_reused"] is True and timings["encode_shards_run"] == 0
-    assert os.stat(untouched).st_mtime_ns == mtime
+    assert os.stat(untouched).st_mtime_ns == mtime and not os.path.exists(leftover)
     np.testing.assert_array_equal(load_semantic_ids(paths.semantic_ids).codes,
                                   load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids).codes)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -353,11 +354,18 @@ def _current_added_shards(paths: RunPaths, t: TokenizeConfig, storage: StorageCo
 
 
 def _remove_unplanned_parts(folder: str, planned: set[str], owned, storage: StorageConfig | None) -> None:
-    """Delete owned part files that the plan no longer has (e.g. the shard count shrank)."""
+    """Delete owned part files that the plan no longer has (e.g. the shard count shrank), and the
+    temporary files of local writes that a killed worker never committed."""
     for uri in io.list_files(folder, ".parquet", storage):
         key = uri.rsplit("/", 1)[1][len("part-"):-len(".parquet")]
         if owned(key) and key not in planned:
             io.remove(uri, storage)
+    for sub in (folder, io.join(folder, "_manifests")):
+        if io.is_local(sub) and io.exists(sub, storage):  # object stores never publish partial writes
+            fs, path = io.filesystem(sub, storage)
+            for name in fs.ls(path, detail=False):
+                if posixpath.basename(name).startswith(".tmp-"):  # io.atomic_open's temporary names
+                    fs.rm(name)
 
 
 def _check_dim(dim: int, t: TokenizeConfig) -> None:
