@@ -273,7 +273,8 @@ class Trainer:
         self.eval_model.load_state_dict(weights)
         eval_cfg = self.cfg.eval
         ks = sorted(set(eval_cfg.ks) | {10})
-        sums = validation_sums(self.eval_model, self.val_examples, _with_ks(eval_cfg, ks), self.rt.device, self.autocast)
+        # Validation runs in fp32 whatever the training precision, as the final evaluation does.
+        sums = validation_sums(self.eval_model, self.val_examples, _with_ks(eval_cfg, ks), self.rt.device)
         metrics = metrics_from_sums(self.all_reduce(sums), ks)
         entry = state.history[-1]
         entry.update({f"val/{k}": v for k, v in metrics.items()})

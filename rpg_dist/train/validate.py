@@ -80,7 +80,7 @@ def _ranks_in_block(scores: torch.Tensor, lo: int, target_score: torch.Tensor, t
 
 
 @torch.no_grad()
-def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, device: torch.device, autocast) -> torch.Tensor:
+def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, device: torch.device) -> torch.Tensor:
     """Per-metric sums over this rank's examples, ready for an all-reduce.
 
     Returns:
@@ -91,8 +91,7 @@ def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, devi
     ks = sorted(cfg.ks)
     sums = torch.zeros(1 + 2 * len(ks), dtype=torch.float64)
     for batch in history_batches(examples, cfg.batch_size):
-        with autocast:
-            log_probs = model.next_token_log_probs(batch["items"].to(device), batch["lengths"].to(device))
+        log_probs = model.next_token_log_probs(batch["items"].to(device), batch["lengths"].to(device))
         ranks = target_ranks(log_probs, model.item_codes, batch["target"].to(device), cfg.item_block_size)
         ranks = ranks.cpu().double()
         sums[0] += len(ranks)
