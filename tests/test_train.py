@@ -241,3 +241,25 @@ def test_validation_ranks_match_full_ranking_twin(block):
     assert (ranks < 10).sum() > batch // 2
     ndcg = torch.where(ranks < 10, 1 / torch.log2(ranks + 2.0), 0.0).mean()
     assert float(ndcg) == pytest.approx(ranking_metrics(ranked[:, :10].numpy(), targets.numpy(), [10])["ndcg@10"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(synth_dataset, tmp_path):
+    """batch 64 as 2 micro-batches of 32 (accumulated) takes the same steps as one batch of 64."""
+    from rpg_dist.train.stage import train
+
+    same = ["train.shuffle=false", "model.embd_dropout=0", "model.attn_dropout=0", "train.max_steps=4"]
+    whole = new_run(synth_dataset, str(tmp_path / "whole"))
+    train(debug_config(synth_dataset, whole, *same))
+    accumulated = new_run(synth_dataset, str(tmp_path / "accumulated"))
+    train(debug_config(synth_dataset, accumulated, *same, "train.micro_batch_size=32"))
+    np.testing.assert_allclose(logged_losses(accumulated), logged_losses(whole), rtol=0, atol=1e-5)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(synth_dataset, tmp_path):
+    from rpg_dist.train.stage import train
+
+    run_dir = new_run(synth_dataset, str(tmp_path / "run"))
+    # A learning rate of ~0 leaves the validation metric exactly where epoch 1 put it.
+    summary = train(debug_config(synth_dataset, run_dir, "train.lr=1e-12", "train.patience=2", "train.epochs=10"))
+    assert summary["stopped"] == "early_stopping"
+    assert summary["best_epoch"] == 1 and summary["epochs_run"] == 3
