@@ -103,15 +103,17 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         timings["approx_index_s"] = time.perf_counter() - clock
         approx_info = _describe(approx, cfg)
     workers = _start_workers(tables, codes_t, n_edges, cfg, approx)
-    clock = time.perf_counter()
-    neighbors = _run_tasks(workers, _tasks(n_items, cfg.block_size, approx), n_items, n_edges)
-    timings["neighbors_s"] = time.perf_counter() - clock
-    stats = {}
-    if cfg.mode == "approx" and cfg.recall_sample:
+    try:
         clock = time.perf_counter()
-        stats = _recall(workers, neighbors, cfg.recall_sample, seed)
-        timings["recall_s"] = time.perf_counter() - clock
-    _stop_workers(workers)
+        neighbors = _run_tasks(workers, _tasks(n_items, cfg.block_size, approx), n_items, n_edges)
+        timings["neighbors_s"] = time.perf_counter() - clock
+        stats = {}
+        if cfg.mode == "approx" and cfg.recall_sample:
+            clock = time.perf_counter()
+            stats = _recall(workers, neighbors, cfg.recall_sample, seed)
+            timings["recall_s"] = time.perf_counter() - clock
+    finally:
+        _stop_workers(workers)
     clock = time.perf_counter()
     partition, method = _partition(token_embeddings, codes, neighbors, cfg, seed)
     timings["partition_s"] = time.perf_counter() - clock
