@@ -242,7 +242,9 @@ class RPG(nn.Module):
         """
         table = F.normalize(self.token_embeddings, dim=-1)  # (m, V, d)
         raw = torch.bmm(states.transpose(1, 2), table.transpose(1, 2))  # (m, N, V)
-        norms = torch.linalg.vector_norm(states, dim=1, dtype=torch.float32).clamp_min(1e-12)  # (m, N), as F.normalize
+        # Accumulates in fp32 even for bf16 states; asking for an fp32 result instead would first
+        # convert all of (m, d, N), forward and backward.
+        norms = torch.linalg.vector_norm(states, dim=1).float().clamp_min(1e-12)  # (m, N), as F.normalize
         return raw * (norms * self.cfg.temperature).reciprocal().unsqueeze(-1)
 
     def forward(
