@@ -263,3 +263,19 @@ def test_early_stopping_after_patience_epochs_without_improvement(synth_dataset,
     summary = train(debug_config(synth_dataset, run_dir, "train.lr=1e-12", "train.patience=2", "train.epochs=10"))
     assert summary["stopped"] == "early_stopping"
     assert summary["best_epoch"] == 1 and summary["epochs_run"] == 3
+
+
+def test_items_without_semantic_ids_name_the_sequence_row(synth_dataset, tmp_path):
+    from rpg_dist.data import dataset as ds
+    from rpg_dist.errors import DataError
+    from rpg_dist.tokenizer.semantic_ids import load_semantic_ids, write_semantic_ids
+    from rpg_dist.train.stage import prepare
+
+    run_dir = new_run(synth_dataset, str(tmp_path / "run"))
+    paths = RunPaths(run_dir)
+    semantic_ids = load_semantic_ids(paths.semantic_ids)
+    first_user_item = ds.read_sequences(synth_dataset).column("item_ids")[0][0].as_py()
+    keep = semantic_ids.index.item_ids != first_user_item
+    write_semantic_ids(paths.semantic_ids, semantic_ids.index.item_ids[keep], semantic_ids.codes[keep])
+    with pytest.raises(DataError, match=rf"sequences: row 0 \(user .*item_id {first_user_item}, which has no semantic ID"):
+        prepare(debug_config(synth_dataset, run_dir))

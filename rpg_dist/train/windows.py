@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from rpg_dist import io
 from rpg_dist.data import dataset as ds
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import leave_one_out, training_windows
+from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import PAD
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ def prepare_windows(
     max_seq_len: int,
     seed: int,
     tokenizer_fingerprint: str,
+    semantic_ids_uri: str,
     storage: StorageConfig | None = None,
 ) -> dict[str, Any]:
     """Write training windows and validation examples unless an identical build exists.
@@ -85,7 +88,9 @@ def prepare_windows(
         if {k: manifest.get(k) for k in identity} == identity:
             return manifest
         log.info("windows under %s are stale; rebuilding", root)
-    splits = leave_one_out(ds.read_sequences(dataset_uri, storage), max_seq_len)
+    sequences = ds.read_sequences(dataset_uri, storage)
+    _check_covered(sequences, index, dataset_uri, semantic_ids_uri)
+    splits = leave_one_out(sequences, max_seq_len)
     windows = training_windows(splits.train, max_seq_len)
     order = np.random.default_rng(seed).permutation(len(windows))
     windows = windows.take(order)
@@ -114,6 +119,26 @@ def prepare_windows(
     io.write_json(paths.manifest, manifest, storage)
     log.info("wrote %d training windows and %d validation examples to %s", len(train), len(val), root)
     return manifest
+
+
+def _check_covered(sequences: pa.Table, index: ItemIndex, dataset_uri: str, semantic_ids_uri: str) -> None:
+    """Every item in the sequences needs a semantic ID; name the first one without.
+
+    Raises:
+        DataError: naming the sequences row, user and item, and the semantic-ID file.
+    """
+    lists = sequences.column("item_ids").combine_chunks()
+    values = pc.list_flatten(lists).to_numpy()
+    known = index.item_ids
+    pos = np.clip(np.searchsorted(known, values), 0, max(len(known) - 1, 0))
+    unknown = np.flatnonzero(known[pos] != values) if len(known) else np.arange(len(values))
+    if len(unknown):
+        row = int(pc.list_parent_indices(lists).to_numpy()[unknown[0]])
+        raise DataError(
+            f"{ds.sequences_uri(dataset_uri)}: row {row} (user {sequences.column('user_id')[row].as_py()}): "
+            f"field 'item_ids' holds item_id {int(values[unknown[0]])}, which has no semantic ID in "
+            f"{semantic_ids_uri}; rerun `rpg-dist tokenize` for this dataset"
+        )
 
 
 def _dense_lists(lists: pa.Array | pa.ChunkedArray, index: ItemIndex, what: str, origin: str) -> pa.Array:
