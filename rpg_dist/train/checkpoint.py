@@ -15,7 +15,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +140,7 @@ def prune(root: str, keep: int, storage: StorageConfig | None = None) -> None:
 
 
 def remove_all(root: str, storage: StorageConfig | None = None) -> None:
+    """Delete every checkpoint and the best weights (``train.resume=false``)."""
     io.remove(root, storage)
 
 
@@ -151,7 +151,3 @@ def _upload(local: str, target: str, storage: StorageConfig | None) -> None:
         for name in files:
             rel = os.path.relpath(os.path.join(folder, name), local)
             fs.put_file(os.path.join(folder, name), posixpath.join(path, rel.replace(os.sep, "/")))
-
-
-def clear_local(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)

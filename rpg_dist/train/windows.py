@@ -90,19 +90,8 @@ def prepare_windows(
         log.info("windows under %s are stale; rebuilding", root)
     sequences = ds.read_sequences(dataset_uri, storage)
     _check_covered(sequences, index, dataset_uri, semantic_ids_uri)
-    splits = leave_one_out(sequences, max_seq_len)
-    windows = training_windows(splits.train, max_seq_len)
-    order = np.random.default_rng(seed).permutation(len(windows))
-    windows = windows.take(order)
-    train = pa.table({
-        "items": _dense_lists(windows.column("item_ids"), index, "item_ids", dataset_uri),
-        "n_targets": windows.column("n_targets"),
-    })
-    val = pa.table({
-        "history": _dense_lists(splits.val.histories, index, "validation history", dataset_uri),
-        "target": pa.array(index.rows(splits.val.targets, "validation target").astype(np.int32)),
-    })
-    io.remove(paths.manifest, storage)
+    train, val = _build_tables(sequences, index, max_seq_len, seed, dataset_uri)
+    io.remove(paths.manifest, storage)  # uncommit first: a crash below leaves "no windows"
     for folder, table in ((paths.train, train), (paths.val, val)):
         io.remove(folder, storage)
         for part, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
@@ -119,6 +108,23 @@ def prepare_windows(
     io.write_json(paths.manifest, manifest, storage)
     log.info("wrote %d training windows and %d validation examples to %s", len(train), len(val), root)
     return manifest
+
+
+def _build_tables(sequences: pa.Table, index: ItemIndex, max_seq_len: int, seed: int,
+                  dataset_uri: str) -> tuple[pa.Table, pa.Table]:
+    """Training windows in one seeded random order, and validation examples, as dense item rows."""
+    splits = leave_one_out(sequences, max_seq_len)
+    windows = training_windows(splits.train, max_seq_len)
+    windows = windows.take(np.random.default_rng(seed).permutation(len(windows)))
+    train = pa.table({
+        "items": _dense_lists(windows.column("item_ids"), index, "item_ids", dataset_uri),
+        "n_targets": windows.column("n_targets"),
+    })
+    val = pa.table({
+        "history": _dense_lists(splits.val.histories, index, "validation history", dataset_uri),
+        "target": pa.array(index.rows(splits.val.targets, "validation target").astype(np.int32)),
+    })
+    return train, val
 
 
 def _check_covered(sequences: pa.Table, index: ItemIndex, dataset_uri: str, semantic_ids_uri: str) -> None:
