@@ -173,3 +173,23 @@ def test_graph_decode_finds_best_item_reachable_in_one_step():
     result = GraphDecoder(codes, neighbors, 2, 1).decode(log_probs, start, 1)
     assert result.items[:, 0].tolist() == [0, 0]
     assert result.n_visited.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("row_major", [False, True])
+@pytest.mark.parametrize("num_beams,n_edges,steps", [(20, 30, 3), (2, 5, 1)])
+def test_code_layouts_and_visited_counters_equal_twin(monkeypatch, row_major, num_beams, n_edges, steps):
+    # (2, 5, 1) visits ~14 of 3000 items: the sort-based counter; (20, 30, 3) the bitmap.
+    import rpg_dist.decode.graph_decode as graph_decode
+
+    monkeypatch.setattr(graph_decode, "ROW_MAJOR_ABOVE", 0 if row_major else 10**9)
+    gen = torch.Generator().manual_seed(12)
+    codes = torch.randint(0, 64, (3000, 16), generator=gen, dtype=torch.int16)
+    offsets = torch.randperm(2999, generator=gen)[:n_edges]
+    neighbors = (torch.arange(3000).unsqueeze(1) + 1 + offsets) % 3000
+    log_probs = _log_probs(24, 16, 64, seed=12)
+    start = random_start_items(24, 3000, num_beams, gen)
+    decoder = GraphDecoder(codes, neighbors, num_beams, steps, chunk_size=5, threads=2)
+    assert decoder.row_major == row_major
+    result = decoder.decode(log_probs, start)
+    beams, visited = graph_decode_reference(log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps)
+    assert result.items.tolist() == beams and result.n_visited.tolist() == visited

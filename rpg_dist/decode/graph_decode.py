@@ -17,12 +17,17 @@ loop is over the ``q`` steps (and over the m digits inside scoring).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from rpg_dist.decode.topk import MIN_KEY, key_rows, key_scores, ranking_keys
+
+
+# Above this many items codes are kept item-major (see GraphDecoder.__init__).
+ROW_MAJOR_ABOVE = 131_072
 
 
 @dataclass
@@ -60,8 +65,11 @@ def popular_start_items(popularity: torch.Tensor, n_queries: int, n_beams: int) 
 class GraphDecoder:
     """Vectorised graph-constrained decoding over an in-memory graph.
 
-    Queries are processed in chunks of ``chunk_size`` so that the per-step tensors (chunk x
-    (b + b*k)) stay in cache; within a chunk every operation is batched.
+    Queries are processed in chunks of ``chunk_size``; within a chunk every operation is batched
+    over its queries and candidates. Chunk tensors ((chunk, b + b*k), ~500 KB at chunk 16, b 20,
+    k 200) stay in cache; ``threads`` chunks run at once on a thread pool with torch's intra-op
+    parallelism set to 1 meanwhile (torch releases the GIL inside its ops). Large multi-threaded
+    ops were measured to slow down 10-30x when other processes share the cores; this does not.
 
     Args:
         codes: (N, m) item codes (int16 is fine).
@@ -69,19 +77,32 @@ class GraphDecoder:
         num_beams: b, items kept per query after each step.
         steps: q, expansion steps.
         chunk_size: queries decoded together.
+        threads: chunks decoded concurrently (default: torch's intra-op thread count).
     """
 
     def __init__(
-        self, codes: torch.Tensor, neighbors: torch.Tensor, num_beams: int, steps: int, chunk_size: int = 16
+        self,
+        codes: torch.Tensor,
+        neighbors: torch.Tensor,
+        num_beams: int,
+        steps: int,
+        chunk_size: int = 16,
+        threads: int | None = None,
     ) -> None:
         if neighbors.shape[0] != codes.shape[0]:
             raise ValueError(f"neighbors has {neighbors.shape[0]} rows but codes {codes.shape[0]}")
         self.n_items = codes.shape[0]
-        self.codes = codes.contiguous()  # (N, m): a candidate's m codes are one 2*m-byte row
+        # Small catalogues: digit-major codes, so digit k's lookups hit one (N,) int16 column that
+        # stays in cache (24 KB for Beauty). Large ones: item-major rows, so a candidate's m codes
+        # cost one memory access (one 64-byte line at m = 32) instead of m scattered ones.
+        self.row_major = codes.shape[0] > ROW_MAJOR_ABOVE
+        codes = codes.to(torch.int16)
+        self.codes = codes.contiguous() if self.row_major else codes.t().contiguous()  # (N, m) or (m, N)
         self.neighbors = neighbors
         self.num_beams = num_beams
         self.steps = steps
         self.chunk_size = chunk_size
+        self.threads = threads or torch.get_num_threads()
         # An item occurs at most b+1 times among the candidates (once in the beam, once per beam
         # item's list), so the top b*(b+1) keys always hold the b best distinct items.
         self._shortlist = num_beams * (num_beams + 1)
@@ -101,19 +122,29 @@ class GraphDecoder:
         if start.shape[1] != self.num_beams or top_k > self.num_beams:
             raise ValueError(f"start must be (B, {self.num_beams}) and top_k <= {self.num_beams}")
         flat = log_probs.reshape(log_probs.shape[0], -1)  # (B, m*V)
-        keys, visited = [], []
-        for lo in range(0, start.shape[0], self.chunk_size):
-            chunk_keys, chunk_visited = self._decode_chunk(
-                flat[lo : lo + self.chunk_size], start[lo : lo + self.chunk_size].long()
-            )
-            keys.append(chunk_keys[:, :top_k])
-            visited.append(chunk_visited)
-        top = torch.cat(keys)
-        return DecodeResult(key_rows(top), key_scores(top), torch.cat(visited))
+        bounds = [(lo, lo + self.chunk_size) for lo in range(0, start.shape[0], self.chunk_size)]
+
+        def run(bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._decode_chunk(flat[bound[0] : bound[1]], start[bound[0] : bound[1]].long())
+
+        if self.threads > 1 and len(bounds) > 1:
+            # Parallel over chunks, not inside ops: every op runs single-threaded on its pool thread.
+            saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(self.threads) as pool:
+                    chunks = list(pool.map(run, bounds))
+            finally:
+                torch.set_num_threads(saved)
+        else:
+            chunks = [run(b) for b in bounds]
+        top = torch.cat([keys[:, :top_k] for keys, _ in chunks])
+        return DecodeResult(key_rows(top), key_scores(top), torch.cat([visited for _, visited in chunks]))
 
     def _decode_chunk(self, log_probs: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, m*V) log-probs and (c, b) start rows -> (c, b) beam keys and (c,) visited counts."""
-        visited = _VisitedCounter(start.shape[0], self.n_items)
+        expected = self.num_beams * (1 + self.steps * (1 + self.neighbors.shape[1]))
+        visited = _VisitedCounter(start.shape[0], self.n_items, expected)
         visited.add(start)
         beam_keys = self._top_beams(log_probs, start, valid=None)
         for _ in range(self.steps):
@@ -147,29 +178,31 @@ class GraphDecoder:
     def _scores(self, log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(c, m*V) log-probs, (c, C) rows -> (c, C) scores; same digit order as ``item_scores``.
 
-        One row gather of each candidate's codes (one cache line instead of m scattered reads),
-        one gather of all (c, C, m) log-probs, then the digits summed in order 0..m-1.
+        Per digit: the candidates' codes, then a gather from each query's (V,) log-prob row. Every
+        temporary is (c, C) or (c*C, m) int16, small enough to stay in cache.
         """
-        c, n_cand = rows.shape
-        n_digit = self.codes.shape[1]
-        offsets = torch.arange(n_digit) * (log_probs.shape[1] // n_digit)  # (m,) digit k's start in a row
-        codes = self.codes.index_select(0, rows.reshape(-1))  # (c*C, m) int16
-        index = (codes.long() + offsets).view(c, n_cand * n_digit)  # into each (m*V) row
-        values = log_probs.gather(1, index).view(c, n_cand, n_digit).permute(2, 0, 1).contiguous()  # (m, c, C)
-        total = values[0].clone()
-        for k in range(1, n_digit):
-            total += values[k]
+        n_digit = self.codes.shape[1] if self.row_major else self.codes.shape[0]
+        table = log_probs.view(rows.shape[0], n_digit, -1)  # (c, m, V)
+        flat = rows.reshape(-1)
+        if self.row_major:
+            cand = self.codes.index_select(0, flat)  # (c*C, m): one row per candidate
+            columns = (cand[:, k] for k in range(n_digit))
+        else:
+            columns = (self.codes[k].index_select(0, flat) for k in range(n_digit))
+        total = None
+        for k, column in enumerate(columns):
+            values = table[:, k].gather(1, column.reshape(rows.shape).long())  # (c, C)
+            total = values if total is None else total.add_(values)
         return total / n_digit
 
 
 class _VisitedCounter:
-    """Distinct items seen per query: a (c, N) bitmap when small enough, else kept lists + one sort."""
+    """Distinct items seen per query: a (c, N) bitmap for small catalogues, else kept rows + one sort."""
 
-    _BITMAP_BUDGET = 1 << 25
-
-    def __init__(self, n_queries: int, n_items: int) -> None:
+    def __init__(self, n_queries: int, n_items: int, expected: int) -> None:
+        # A bitmap costs O(N) per query, the sort O(L log L) for L rows seen: bitmap only when N ~ L.
         self.bitmap = None
-        if n_queries * n_items <= self._BITMAP_BUDGET:
+        if n_items <= 4 * expected:
             self.bitmap = torch.zeros(n_queries, n_items, dtype=torch.bool)
         self.parts: list[torch.Tensor] = []
 
@@ -181,7 +214,7 @@ class _VisitedCounter:
 
     def counts(self) -> torch.Tensor:
         if self.bitmap is not None:
-            return self.bitmap.sum(dim=1)
+            return torch.count_nonzero(self.bitmap, dim=1)
         return count_distinct(torch.cat(self.parts, dim=1))
 
 
