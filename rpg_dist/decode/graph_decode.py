@@ -243,7 +243,7 @@ def graph_decode_reference(
         scored per query.
     """
     table = log_probs.to(torch.float32).numpy()  # (B, m, V)
-    item_codes = codes.tolist()
+    item_codes = codes.numpy()  # rows read one item at a time: no O(N) conversion per call
     n_digit = np.float32(table.shape[1])
     beams, visited_counts = [], []
     for query, start_items in enumerate(start):
@@ -253,7 +253,7 @@ def graph_decode_reference(
         def score(item: int) -> float:
             if item not in cache:
                 total = np.float32(0.0)
-                for k, token in enumerate(item_codes[item]):
+                for k, token in enumerate(item_codes[item].tolist()):
                     total = np.float32(total + digits[k, token])
                 cache[item] = float(total / n_digit) + 0.0
             return cache[item]
