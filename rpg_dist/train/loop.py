@@ -27,7 +27,7 @@ from rpg_dist.model.export import model_metadata, read_weights, save_model, save
 from rpg_dist.model.rpg import PAD, RPG
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 from rpg_dist.train import checkpoint, engine as engine_lib, windows
-from rpg_dist.train.runtime import Runtime, set_threads
+from rpg_dist.train.runtime import Runtime, reuse_freed_memory, set_threads
 from rpg_dist.train.sinks import MetricSinks, write_training_plot
 from rpg_dist.train.validate import metrics_from_sums, validation_sums
 
@@ -60,6 +60,8 @@ class Trainer:
         self.paths = RunPaths(cfg.run_dir)
         self.storage = cfg.storage
         self.threads = set_threads(self.tc.torch_threads, runtime.local_world_size)
+        if self.tc.reuse_freed_memory:
+            reuse_freed_memory()
         self._check_world()
         model = self._build_models()
         self.micro_per_epoch = windows.micro_batches_per_epoch(
