@@ -26,8 +26,8 @@ def _distinct_graph(n_items: int, n_edges: int, gen: torch.Generator) -> torch.T
 
 
 def test_top_per_query_by_hand():
-    keys = ranking_keys(torch.tensor([0.5, 0.9, 0.1, 0.7, 0.3]), torch.tensor([10, 11, 12, 13, 14]))
-    queries = torch.tensor([1, 1, 0, 1, 0])
+    keys = ranking_keys(torch.tensor([0.1, 0.3, 0.5, 0.9, 0.7]), torch.tensor([12, 14, 10, 11, 13]))
+    queries = torch.tensor([0, 0, 1, 1, 1])
     top = _top_per_query(keys, queries, batch=3, k=2)
     assert key_rows(top[:2]).tolist() == [[14, 12], [11, 13]]
     assert (top[2] == MIN_KEY).all()
