@@ -73,7 +73,8 @@ class GraphDecoder:
 
     Args:
         codes: (N, m) item codes (int16 is fine).
-        neighbors: (N, k) neighbour rows of each item, best first, padded with -1.
+        neighbors: (N, k) neighbour rows of each item, best first, padded with -1; distinct within
+            a row (``load_graph`` checks this; the top-b shortlist relies on it).
         num_beams: b, items kept per query after each step.
         steps: q, expansion steps.
         chunk_size: queries decoded together.

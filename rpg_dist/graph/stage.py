@@ -70,6 +70,7 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
         **built.info,
         "similarity": SIMILARITY,
         "n_digit": int(codes.shape[1]),
+        "seed": cfg.seed,
         "config": configlib.to_dict(cfg.graph),
         "fingerprint": configlib.fingerprint(cfg.graph),
     }
