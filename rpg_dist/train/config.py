@@ -20,8 +20,8 @@ class TrainConfig:
     # Intra-op threads per worker; 0 = the node's cores / workers on the node (Ray's logical CPUs
     # are for scheduling and would leave cores idle).
     torch_threads: int = 0
-    # Keep freed activation memory in glibc's heap for the next step instead of returning it to the
-    # OS (saves ~0.4 s of page faults per Beauty step on CPU; see runtime.reuse_freed_memory).
+    # Serve activations from glibc's heap (trimmed every 16 steps) instead of fresh mmaps: ~5x fewer
+    # page faults, ~0.3 s less system time per Beauty step on CPU (see runtime.HeapReuse).
     reuse_freed_memory: bool = True
     # Sequences (training windows) per optimizer step, summed over workers and accumulation.
     batch_size: int = 256

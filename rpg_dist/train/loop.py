@@ -27,7 +27,7 @@ from rpg_dist.model.export import model_metadata, read_weights, save_model, save
 from rpg_dist.model.rpg import PAD, RPG
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 from rpg_dist.train import checkpoint, engine as engine_lib, windows
-from rpg_dist.train.runtime import Runtime, reuse_freed_memory, set_threads
+from rpg_dist.train.runtime import HeapReuse, Runtime, set_threads
 from rpg_dist.train.sinks import MetricSinks, write_training_plot
 from rpg_dist.train.validate import metrics_from_sums, validation_sums
 
@@ -60,8 +60,7 @@ class Trainer:
         self.paths = RunPaths(cfg.run_dir)
         self.storage = cfg.storage
         self.threads = set_threads(self.tc.torch_threads, runtime.local_world_size)
-        if self.tc.reuse_freed_memory:
-            reuse_freed_memory()
+        self.heap = HeapReuse(self.tc.reuse_freed_memory)
         self._check_world()
         model = self._build_models()
         self.micro_per_epoch = windows.micro_batches_per_epoch(
@@ -207,6 +206,7 @@ class Trainer:
             loss_sum += step_loss.double()
             n_steps, window_steps = n_steps + 1, window_steps + 1
             state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+            self.heap.after_step(state.step)
             bar.update(1)
             if state.step % self.tc.log_every == 0:
                 self._log_step(step_loss, window_steps, time.perf_counter() - window_start)
@@ -293,6 +293,7 @@ class Trainer:
                 log.info("early stopping at epoch %d: best %s %.4f at epoch %d", entry["epoch"], VAL_METRIC,
                          state.best_ndcg, state.best_epoch)
         self.rt.report({"epoch": entry["epoch"], "step": state.step, **entry})
+        self.heap.trim()  # validation's blocks have other sizes than training's
 
     def _checkpoint(self) -> None:
         root = self.paths.checkpoints
@@ -344,6 +345,7 @@ def train_loop(runtime: Runtime, cfg: Config) -> dict[str, Any]:
         return trainer.run()
     finally:
         trainer.sinks.close()
+        trainer.heap.restore()
 
 
 def _read_manifest(root: str, fingerprint: str, cfg: Config, storage) -> dict[str, Any]:

@@ -50,28 +50,57 @@ def set_threads(torch_threads: int, local_world_size: int) -> int:
     return threads
 
 
-def reuse_freed_memory() -> bool:
-    """Make glibc serve large tensors from its heap instead of fresh ``mmap`` regions.
+class HeapReuse:
+    """Serve large tensors from glibc's heap instead of fresh ``mmap`` regions, trimming it now and then.
 
-    A Beauty step allocates and frees ~1 GB of activations; each large block otherwise comes from
-    a new mapping whose pages the kernel faults in and zeroes (measured: 240k page faults and
-    0.4 s of system time per step, a third of the step). Freed memory now stays in the heap for
-    the next step; peak RSS is unchanged. No-op where the C library is not glibc.
-
-    Returns:
-        True when the allocator was tuned.
+    A Beauty step allocates and frees ~1 GB of activations of batch-dependent sizes. By default
+    glibc maps each large block anew and the kernel faults in and zeroes its pages: measured 160-240k
+    page faults and 0.3-0.4 s of system time per step, a third of a bf16 step. With mmap off the
+    freed blocks are reused, but variable sizes fragment the heap without bound (8 GB after 300
+    steps), so ``malloc_trim`` returns the free pages every ``trim_every`` steps: 30k faults and
+    0.06 s per step, peak RSS as with the default allocator (measured, 64 steps, 1 thread).
+    A no-op where the C library is not glibc.
     """
-    import ctypes
-    import ctypes.util
 
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(m_mmap_max, 0) == 1
-    return ok and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
+
+    def __init__(self, enabled: bool, trim_every: int = 16) -> None:
+        self.trim_every = trim_every
+        self.libc = self._tune() if enabled else None
+
+    def _tune(self):
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if libc.mallopt(self.M_MMAP_MAX, 0) != 1 or libc.mallopt(self.M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+                return None
+            libc.malloc_trim  # noqa: B018  (glibc only)
+        except (OSError, AttributeError):
+            return None
+        return libc
+
+    @property
+    def active(self) -> bool:
+        return self.libc is not None
+
+    def after_step(self, step: int) -> None:
+        """Return free heap pages to the OS every ``trim_every`` steps."""
+        if self.libc is not None and step % self.trim_every == 0:
+            self.libc.malloc_trim(0)
+
+    def trim(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+    def restore(self) -> None:
+        """Back to glibc's default limits (for whatever else runs in this process next)."""
+        if self.libc is not None:
+            self.libc.mallopt(self.M_MMAP_MAX, 65536)
+            self.libc.mallopt(self.M_TRIM_THRESHOLD, 128 * 1024)
+            self.libc.malloc_trim(0)
+            self.libc = None
 
 
 def init_process_group(use_gpu: bool) -> None:
