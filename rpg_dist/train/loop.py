@@ -310,6 +310,7 @@ class Trainer:
             "best_epoch": s.best_epoch, f"best_val_{VAL_METRIC}": s.best_ndcg, "best_val": s.best_metrics,
             "stopped": s.stopped, "resumed_from_step": s.resumed_from, "wall_time_s": round(elapsed, 2),
             "train_seconds": round(self.train_seconds, 2),
+            "val_seconds": round(sum(h.get("val_seconds", 0.0) for h in s.history), 2),
             "seq_per_s": round(sequences / max(self.train_seconds, 1e-9), 1), "world_size": self.rt.world_size,
             "zero_stage": self.tc.zero_stage, "precision": engine_lib.resolved_precision(self.tc),
             "torch_threads": self.threads,
