@@ -94,6 +94,22 @@ def test_batched_loss_matches_per_digit_reference(seed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_many_attention_groups_match_reference():
+    """Batches larger than ATTENTION_GROUP are split into length-sorted grids; nothing changes."""
+    from rpg_dist.model.rpg import ATTENTION_GROUP
+
+    model = tiny_model(7)
+    items, lengths, targets = random_batch(7, batch=2 * ATTENTION_GROUP + 7, length=12)
+    torch.testing.assert_close(model(items, lengths, targets), reference_loss(model, items, lengths, targets),
+                               rtol=1e-5, atol=1e-5)
+    hidden = reference_hidden(model, items, lengths)
+    last = hidden[torch.arange(len(lengths)), lengths - 1]
+    state = last + F.silu(F.linear(last, model.head_weight[0], model.head_bias[0]))
+    logits = F.normalize(state, dim=-1) @ F.normalize(model.token_embeddings[0], dim=-1).T
+    torch.testing.assert_close(model.next_token_log_probs(items, lengths)[:, 0],
+                               (logits / model.cfg.temperature).log_softmax(-1), rtol=1e-5, atol=1e-5)
+
+
 def test_next_token_log_probs_matches_reference():
     model = tiny_model(3)
     items, lengths, _ = random_batch(3)
