@@ -115,8 +115,16 @@ class Block(nn.Module):
         self.mlp_proj = nn.Linear(cfg.d_ffn, d)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
-    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn_proj(self._attention(self.ln_1(x), packing)))
+    def forward(self, x: torch.Tensor, packing: Packing, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, d) -> (P, d), or only the (R, d) outputs at packed ``rows``.
+
+        Every position's keys and values are still computed; in the last block only the needed
+        rows go through the output projection and the MLP (a third of the block's work).
+        """
+        attended = self._attention(self.ln_1(x), packing)  # (P, d)
+        if rows is not None:
+            x, attended = gather_rows(x, rows), gather_rows(attended, rows)
+        x = x + self.resid_dropout(self.attn_proj(attended))
         # GPT-2's "gelu_new" is the tanh approximation.
         h = F.gelu(self.fc(self.ln_2(x)), approximate="tanh")
         return x + self.resid_dropout(self.mlp_proj(h))
@@ -202,24 +210,25 @@ class RPG(nn.Module):
             raise ValueError(f"sequences of {length} positions exceed max_seq_len {self.cfg.max_seq_len}")
         return Packing.from_lengths(lengths, length)
 
-    def hidden_states(self, items: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """Decoder output at every real position.
+    def hidden_states(self, items: torch.Tensor, packing: Packing, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder output at the real positions.
 
         Args:
             items: (B, T) dense item rows, right-padded.
             packing: the real positions of ``items``.
+            rows: (R,) distinct packed rows whose output is needed; None = all.
 
         Returns:
-            (P, d) final-layer-norm states, packed.
+            (P, d) or (R, d) final-layer-norm states.
         """
-        rows = items.reshape(-1).index_select(0, packing.index)  # (P,)
-        tokens = self.item_codes[rows].long() + self.digit_offsets  # (P, m) into the (m*V) table
+        item_rows = items.reshape(-1).index_select(0, packing.index)  # (P,)
+        tokens = self.item_codes[item_rows].long() + self.digit_offsets  # (P, m) into the (m*V) table
         table = self.token_embeddings.reshape(-1, self.cfg.d_model)  # (m*V, d)
         # Mean of the m token embeddings per item, without materialising (P, m, d).
         x = F.embedding_bag(tokens, table, mode="mean")  # (P, d)
         x = self.embd_dropout(x + self.position_embeddings[packing.positions])
-        for block in self.blocks:
-            x = block(x, packing)
+        for i, block in enumerate(self.blocks):
+            x = block(x, packing, rows if i == len(self.blocks) - 1 else None)
         return self.ln_f(x)
 
     def digit_states(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -269,10 +278,10 @@ class RPG(nn.Module):
             ``mean_k CrossEntropy(logits_k, codes_k)`` over the labelled positions.
         """
         packing = self.packing(lengths, items.shape[1])
-        hidden = self.hidden_states(items, packing)  # (P, d)
         labels = targets.reshape(-1).index_select(0, packing.index)  # (P,)
         labelled = (labels != PAD).nonzero().squeeze(1)  # (N,)
-        states = self.digit_states(gather_rows(hidden, labelled))  # (m, d, N)
+        hidden = self.hidden_states(items, packing, labelled)  # (N, d)
+        states = self.digit_states(hidden)  # (m, d, N)
         logits = self.digit_logits(states)  # (m, N, V)
         codes = self.item_codes[labels.index_select(0, labelled)].long().t()  # (m, N)
         total = F.cross_entropy(
@@ -295,8 +304,7 @@ class RPG(nn.Module):
         """
         _check_batch(items, lengths, self.n_items)
         packing = self.packing(lengths, items.shape[1])
-        hidden = self.hidden_states(items, packing)  # (P, d)
-        last = hidden.index_select(0, packing.last)  # (B, d)
+        last = self.hidden_states(items, packing, packing.last)  # (B, d)
         logits = self.digit_logits(self.digit_states(last))  # (m, B, V)
         return F.log_softmax(logits.float(), dim=-1).transpose(0, 1).contiguous()  # (B, m, V)
 

@@ -79,7 +79,7 @@ def _ranks_in_block(scores: torch.Tensor, lo: int, target_score: torch.Tensor, t
     return (higher | tied_before).sum(1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, device: torch.device) -> torch.Tensor:
     """Per-metric sums over this rank's examples, ready for an all-reduce.
 
