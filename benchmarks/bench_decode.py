@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_graph import PeakMemory, machine  # noqa: E402
+from common import PeakMemory, machine, timed  # noqa: E402
 
 from rpg_dist.decode.graph_decode import GraphDecoder, graph_decode_reference, random_start_items  # noqa: E402
 from rpg_dist.decode.scoring import candidate_scores  # noqa: E402
@@ -80,15 +80,6 @@ def paper_loop(log_probs, codes, neighbors: torch.Tensor, start, num_beams: int,
             beam = cand[torch.topk(scores, num_beams).indices]
         beams.append(beam)
     return torch.stack(beams)
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
 
 
 def main() -> None:

@@ -25,60 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import threading
 import time
 
 import numpy as np
-import psutil
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import PeakMemory, machine  # noqa: E402
 
 from rpg_dist.graph.builder import build_item_graph  # noqa: E402
 from rpg_dist.graph.config import GraphConfig  # noqa: E402
 from rpg_dist.graph.similarity import block_sums, digit_similarity_tables  # noqa: E402
 from rpg_dist.graph.synthetic import random_token_table, taxonomy_codes  # noqa: E402
-
-
-class PeakMemory:
-    """Peak summed RSS of this process tree, sampled in a thread."""
-
-    def __init__(self, every: float = 0.5) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self, every: float) -> None:
-        root = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(every)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}"
 
 
 def make_codes(kind: str, n_items: int, n_digit: int, seed: int) -> torch.Tensor:

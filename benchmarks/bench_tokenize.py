@@ -14,7 +14,7 @@ pools, parquet part files and manifests included, so the Ray figures carry all o
 overhead. Each Ray figure comes twice: wall time (actor start and model load included) and steady
 state (items over the actors' busy seconds, from the shard manifests). Machine limits: the encoder's
 FLOPs per item are counted from its tokenised texts and set against the matmul rates measured on
-this box (STACK-NOTES: ~205 GFLOP/s fp32, ~950 GFLOP/s bf16 on 2 cores); OPQ encoding costs
+this box by the script itself (benchmarks/common.py); OPQ encoding costs
 D^2 + 256 D multiply-adds per item.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,8 +31,12 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import machine, matmul_gflops  # noqa: E402
 # The environment the stage gives its Ray workers (shards.worker_env), here too, before torch/faiss
 # load OpenMP: the plain-process baseline and in-process OPQ figures run under the same conditions.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -44,25 +47,6 @@ from rpg_dist.config import config_from_dict  # noqa: E402
 from rpg_dist.data import dataset  # noqa: E402
 from rpg_dist.tokenizer import embed, opq, shards, stage  # noqa: E402
 from rpg_dist.tokenizer.config import TokenizeConfig  # noqa: E402
-
-MATMUL_GFLOPS = {"float32": 205.0, "bfloat16": 950.0}  # measured on the 2-core box (STACK-NOTES)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import faiss
-    import ray
-    import torch
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; torch {torch.__version__}, "
-            f"faiss {faiss.__version__}, ray {ray.__version__}")
-
 
 def make_cfg(dataset_uri: str, run_dir: str, **tokenize) -> object:
     return config_from_dict({"dataset": dataset_uri, "run_dir": run_dir, "seed": 2024,
@@ -125,9 +109,10 @@ def plain_process(dataset_uri: str, dtype: str, batch_size: int, repeats: int) -
         runs.append(len(texts) / (time.perf_counter() - start))
     gflop = encoder_gflop_per_item(texts, model)
     median = statistics.median(runs)
+    peak = matmul_gflops(getattr(torch, dtype))
     return {"items": len(texts), "load_s": load_s, "items_per_s_median": median, "items_per_s_runs": runs,
-            "gflop_per_item": gflop, "achieved_gflops": median * gflop,
-            "fraction_of_matmul_peak": median * gflop / MATMUL_GFLOPS[dtype]}
+            "gflop_per_item": gflop, "achieved_gflops": median * gflop, "matmul_gflops": peak,
+            "fraction_of_matmul_peak": median * gflop / peak}
 
 
 def ray_embedding(dataset_uri: str, workdir: str, actors: int, dtype: str, batch_size: int,
@@ -236,7 +221,8 @@ def bench_synthetic(args, workdir: str) -> dict:
     ray.shutdown()
     # Machine limit: the rotation (D^2) and the PQ distances (256 D) per item at the fp32 matmul rate.
     gflop = 2 * (args.dim**2 + 256 * args.dim) * args.items / 1e9
-    out["encode_limit_s"] = gflop / MATMUL_GFLOPS["float32"]
+    out["matmul_gflops_fp32"] = matmul_gflops(torch.float32)
+    out["encode_limit_s"] = gflop / out["matmul_gflops_fp32"]
     return out
 
 

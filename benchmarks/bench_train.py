@@ -13,7 +13,7 @@ Each variant is the real ``rpg-dist train`` path in fresh processes (1 worker: l
 2 layers, 32 digits x 256, windows of 50, batch 256). ``train_s`` excludes start-up and the end-of-
 epoch validation, ``s/epoch`` scales ``train_s`` to the full epoch when --max-steps cuts it short.
 The machine limit comes from the epoch's FLOP count (windows, positions and labels of the real
-data) at the measured GEMM rates of this CPU (STACK-NOTES: ~205 GFLOP/s fp32, ~950 bf16).
+data) at the GEMM rates measured on this CPU by the script (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import machine, matmul_gflops  # noqa: E402
 
 from rpg_dist import io  # noqa: E402
 from rpg_dist.artifacts import RunPaths  # noqa: E402
@@ -52,7 +54,7 @@ VARIANTS = {
     # The default launcher: Ray Train with Ray Data shards (adds Ray's start and per-epoch stream).
     "ray-1w-bf16": (1, 0, "bf16-autocast", "ray"),
 }
-GFLOPS = {"fp32": 205.0, "bf16-autocast": 950.0}
+DTYPES = {"fp32": torch.float32, "bf16-autocast": torch.bfloat16}
 
 
 def main() -> None:
@@ -64,7 +66,7 @@ def main() -> None:
     parser.add_argument("--ref-steps", type=int, default=10, help="steps timed per reference implementation")
     parser.add_argument("--workdir", default=None, help="keep artefacts here (default: a temporary folder)")
     args = parser.parse_args()
-    print_machine()
+    print(f"machine: {machine()}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
     dataset = prepare_dataset(args.data, workdir)
     config = os.path.join(REPO, "configs", "beauty.yaml")
@@ -79,13 +81,6 @@ def main() -> None:
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"load average at the end: {os.getloadavg()}")
-
-
-def print_machine() -> None:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    print(f"machine: {platform.node()} | {model} | {len(os.sched_getaffinity(0))} cores | "
-          f"avx512_bf16={'avx512_bf16' in flags} | torch {torch.__version__} | load average {os.getloadavg()}")
 
 
 def prepare_dataset(raw: str, workdir: str) -> str:
@@ -150,6 +145,9 @@ def epoch_tflop(manifest: dict, d: int = 448, ffn: int = 1024, layers: int = 2, 
 def print_table(results: list, manifest: dict) -> None:
     steps_per_epoch = -(-manifest["n_windows"] // 256)
     tflop = epoch_tflop(manifest)
+    # The limit: this epoch's FLOPs at this CPU's measured square-GEMM rate for the precision.
+    gflops = {precision: matmul_gflops(dtype) for precision, dtype in DTYPES.items()}
+    print(f"measured GEMM GFLOP/s: {gflops}")
     print(f"\nBeauty epoch: {manifest['n_windows']} windows, {manifest['n_positions']} positions, "
           f"{manifest['n_labels']} labels, {steps_per_epoch} steps of 256, {tflop:.1f} TFLOP fwd+bwd")
     print(f"{'variant':16} {'steps':>5} {'train_s':>8} {'s/epoch':>8} {'seq/s':>7} {'val_s':>6} {'peak RSS MB':>11} "
@@ -157,7 +155,7 @@ def print_table(results: list, manifest: dict) -> None:
     for name, s in results:
         precision = VARIANTS[name][2]
         per_epoch = s["train_seconds"] / max(s["steps"], 1) * steps_per_epoch
-        limit = tflop * 1e3 / GFLOPS[precision]
+        limit = tflop * 1e3 / gflops[precision]
         print(f"{name:16} {s['steps']:>5} {s['train_seconds']:>8.1f} {per_epoch:>8.1f} {s['seq_per_s']:>7.0f} "
               f"{s['val_seconds']:>6.1f} {s['peak_rss_mb']:>11.0f} {limit:>13.1f} {per_epoch / limit:>7.2f}")
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from rpg_dist import io
+from rpg_dist.errors import StageError
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
 
 
 @dataclass(frozen=True)
@@ -102,3 +107,18 @@ class RunPaths:
 
     def stage_manifest(self, stage: str) -> str:
         return self._at("stages", f"{stage}.json")
+
+
+def read_versioned_json(uri: str, version: int, missing: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """The JSON document at ``uri``, whose ``format_version`` must equal ``version``.
+
+    Raises:
+        StageError: the file is absent (the message ends with ``missing``, which says what to run)
+            or was written by another format version.
+    """
+    if not io.exists(uri, storage):
+        raise StageError(f"{uri}: {missing}")
+    document = io.read_json(uri, storage)
+    if document.get("format_version") != version:
+        raise StageError(f"{uri}: format_version {document.get('format_version')!r} is not {version}")
+    return document

@@ -183,8 +183,11 @@ class TwoNodeCluster:
 def _ray_start(args: list[str], log_path: Path) -> subprocess.Popen:
     """``ray start ... --block`` in its own process group (stopped by that group, never `ray stop`)."""
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    # The venv's bin first on PATH, as on a cluster image where `rpg-dist` is installed: Ray jobs
+    # submitted to this cluster run their entrypoint with the raylet's environment.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.Popen([str(BIN / "ray"), "start", *args, "--block", "--disable-usage-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rpg_dist import io
-from rpg_dist.artifacts import RunPaths
+from rpg_dist.artifacts import RunPaths, read_versioned_json
 from rpg_dist.data.items import ItemIndex
-from rpg_dist.errors import DataError, StageError
+from rpg_dist.errors import DataError
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
@@ -85,13 +85,8 @@ def read_manifest(run_dir: str, storage: StorageConfig | None = None) -> dict[st
     Raises:
         StageError: no (complete) graph under ``run_dir``.
     """
-    uri = RunPaths(run_dir).graph_manifest
-    if not io.exists(uri, storage):
-        raise StageError(f"{uri}: no graph; run `rpg-dist build-graph` first")
-    manifest = io.read_json(uri, storage)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StageError(f"{uri}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}")
-    return manifest
+    return read_versioned_json(RunPaths(run_dir).graph_manifest, FORMAT_VERSION,
+                               "no graph; run `rpg-dist build-graph` first", storage)
 
 
 def load_graph(

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from rpg_dist import configlib, io
-from rpg_dist.artifacts import RunPaths
+from rpg_dist.artifacts import RunPaths, read_versioned_json
 from rpg_dist.errors import StageError
 from rpg_dist.model.config import ModelConfig
 from rpg_dist.model.rpg import RPG
@@ -101,13 +101,8 @@ def read_model_metadata(run_dir: str, storage: StorageConfig | None = None) -> d
     Raises:
         StageError: no (complete) exported model under ``run_dir``.
     """
-    uri = RunPaths(run_dir).model_config
-    if not io.exists(uri, storage):
-        raise StageError(f"{uri}: no trained model; run `rpg-dist train` first")
-    meta = io.read_json(uri, storage)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StageError(f"{uri}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    return meta
+    return read_versioned_json(RunPaths(run_dir).model_config, FORMAT_VERSION,
+                               "no trained model; run `rpg-dist train` first", storage)
 
 
 def load_model(run_dir: str, storage: StorageConfig | None = None, device: str | torch.device = "cpu") -> RPG:

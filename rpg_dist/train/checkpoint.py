@@ -19,6 +19,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from rpg_dist import io
+from rpg_dist.artifacts import read_versioned_json
 from rpg_dist.errors import StageError
 
 if TYPE_CHECKING:
@@ -55,10 +56,7 @@ def list_complete(root: str, storage: StorageConfig | None = None) -> list[tuple
 
 
 def read_meta(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
-    meta = io.read_json(io.join(uri, "meta.json"), storage)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StageError(f"{uri}/meta.json: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    return meta
+    return read_versioned_json(io.join(uri, "meta.json"), FORMAT_VERSION, "no checkpoint metadata", storage)
 
 
 def check_compatible(uri: str, meta: dict[str, Any], identity: dict[str, Any], layout: dict[str, Any]) -> None:

@@ -76,8 +76,8 @@ class Trainer:
         self.train_batches = self._train_source()
         val_uri = windows.WindowsPaths(self.paths.windows).val
         self.val_examples = windows.read_range_shard(val_uri, runtime.rank, runtime.world_size, self.storage)
-        self.workers = _gather_objects({"rank": runtime.rank, "pid": os.getpid(), "host": socket.gethostname()},
-                                       runtime.world_size)
+        self.workers = _gather_objects({"rank": runtime.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                                        "node_id": runtime.node_id}, runtime.world_size)
         self.sinks = MetricSinks(runtime.is_main, self.paths.tensorboard, self.storage)
         self.train_seconds = 0.0
         self._grad_norm_before_step: torch.Tensor | None = None
@@ -313,7 +313,7 @@ class Trainer:
             "val_seconds": round(sum(h.get("val_seconds", 0.0) for h in s.history), 2),
             "seq_per_s": round(sequences / max(self.train_seconds, 1e-9), 1), "world_size": self.rt.world_size,
             "zero_stage": self.tc.zero_stage, "precision": engine_lib.resolved_precision(self.tc),
-            "torch_threads": self.threads,
+            "torch_threads": self.threads, "worker_node_ids": [w["node_id"] for w in self.workers],
         }
 
     def _export(self, summary: dict[str, Any]) -> None:

@@ -77,7 +77,16 @@ def _windows_dataset(cfg: Config):
     ray.data.DataContext.get_current().enable_progress_bars = False
     uri = WindowsPaths(RunPaths(cfg.run_dir).windows).train
     fs, path = io.arrow_filesystem(uri, cfg.storage)
-    return ray.data.read_parquet(path, filesystem=fs, num_cpus=READ_TASK_CPUS)
+    # Ray Data's V2 parquet read plans a ListFiles task that always asks for a whole CPU (no
+    # num_cpus knob reaches it): on nodes whose spare CPU is a fraction, e.g. a 1-CPU raylet beside a
+    # 0.6-CPU training worker, it never schedules and training waits forever. The V1 read has no
+    # such task; a dataset keeps the context it was created with, so the switch is local to it.
+    context = ray.data.DataContext.get_current()
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(path, filesystem=fs, num_cpus=READ_TASK_CPUS)
+    finally:
+        context.use_datasource_v2 = use_v2
 
 
 def _check_resources(cfg: Config, cluster: dict[str, float]) -> None:

@@ -36,6 +36,8 @@ class Runtime:
     device: torch.device
     report: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
     dataset_shard: Any = None
+    # The machine this rank runs on: the Ray node id under Ray Train, else the host name.
+    node_id: str = field(default_factory=socket.gethostname)
 
     @property
     def is_main(self) -> bool:
@@ -174,6 +176,7 @@ def ray_runtime(use_gpu: bool) -> Runtime:
         device=device_for(use_gpu, context.get_local_rank()),
         report=lambda metrics: ray.train.report(metrics),
         dataset_shard=ray.train.get_dataset_shard("train"),
+        node_id=ray.get_runtime_context().get_node_id(),
     )
 
 
