@@ -232,7 +232,7 @@ def main() -> None:
     p = sub.add_parser("beauty")
     p.add_argument("--dataset", default="beauty", help="beauty | synth:N | an existing dataset URI")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-digit", type=int, default=32)
