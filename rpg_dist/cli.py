@@ -113,9 +113,9 @@ def _storage(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace):
-    from rpg_dist.config import load_config
+    from rpg_dist.config import load_config, with_absolute_paths
 
-    return load_config(args.config, args.overrides)
+    return with_absolute_paths(load_config(args.config, args.overrides))
 
 
 def _print_json(obj: object) -> None:

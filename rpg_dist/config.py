@@ -8,6 +8,7 @@ Sections: ``dataset``, ``run_dir``, ``seed``, ``storage``, ``ray``, ``prepare`` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,3 +110,18 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         return configlib.build(Config, data)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its local relative paths (dataset, run_dir, prepare inputs) made absolute.
+
+    Ray workers do not share the caller's working directory (Ray Train starts each worker in a
+    folder of its own), so a path such as ``runs/demo`` is pinned to where the user typed it before
+    any worker sees it. URIs with a protocol and absolute paths are left as they are.
+    """
+
+    def pin(uri: str) -> str:
+        return os.path.abspath(uri) if uri and "://" not in uri and not os.path.isabs(uri) else uri
+
+    prepare = cfg.prepare and dataclasses.replace(cfg.prepare, input=pin(cfg.prepare.input), items=pin(cfg.prepare.items))
+    return dataclasses.replace(cfg, dataset=pin(cfg.dataset), run_dir=pin(cfg.run_dir), prepare=prepare)

@@ -18,7 +18,7 @@ from typing import Any
 
 from rpg_dist import io
 from rpg_dist.artifacts import RunPaths
-from rpg_dist.config import Config
+from rpg_dist.config import Config, with_absolute_paths
 from rpg_dist.configlib import fingerprint, to_dict
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def run_pipeline(cfg: Config, force: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_NAMES)}")
     from rpg_dist.recommend import save_run_config
 
+    cfg = with_absolute_paths(cfg)
     paths = RunPaths(cfg.run_dir)
     save_run_config(cfg)
     run_ids: dict[str, str] = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rpg_dist.config import Config, config_from_dict, load_config
+from rpg_dist.config import Config, config_from_dict, load_config, with_absolute_paths
 from rpg_dist.configlib import fingerprint, to_dict, to_yaml
 from rpg_dist.errors import ConfigError
 
@@ -121,3 +121,18 @@ def test_fingerprint_tracks_content():
     assert fingerprint(a.model) == fingerprint(config_from_dict(MINIMAL).model)
     assert fingerprint(a.model) != fingerprint(b.model)
     assert "d_model: 448" in to_yaml(a)
+
+
+def test_relative_local_paths_are_pinned_for_ray_workers(tmp_path, monkeypatch):
+    # Ray Train starts workers in folders of their own: a relative run_dir must not follow them.
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({
+        "dataset": "data/ds", "run_dir": "s3://bucket/run",
+        "prepare": {"format": "s3rec", "input": "raw/beauty"},
+    })
+    pinned = with_absolute_paths(cfg)
+    assert pinned.dataset == str(tmp_path / "data" / "ds")
+    assert pinned.prepare.input == str(tmp_path / "raw" / "beauty")
+    assert pinned.run_dir == "s3://bucket/run"  # URIs stay as they are
+    assert with_absolute_paths(pinned) == pinned
+    assert cfg.dataset == "data/ds"  # the loaded config is not changed in place

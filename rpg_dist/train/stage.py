@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from rpg_dist.artifacts import RunPaths
-from rpg_dist.config import Config
+from rpg_dist.config import Config, with_absolute_paths
 from rpg_dist.model.export import semantic_ids_fingerprint
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 from rpg_dist.train import windows
@@ -38,7 +38,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.train.launcher == "ray":
         from rpg_dist.train.ray_launcher import run_ray
 
-        return run_ray(cfg)
+        return run_ray(with_absolute_paths(cfg))
     return run_in_process(cfg)
 
 
