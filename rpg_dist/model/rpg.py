@@ -1,6 +1,6 @@
 """RPG's parallel-ID transformer: a GPT-2 style causal decoder with m tied cosine heads.
 
-Pure torch: no ray, deepspeed or torch.distributed here, so the same module trains under any
+Pure torch: no Ray, DeepSpeed or collective communication here, so the same module trains under any
 launcher and loads for serving on a bare CPU.
 
 Shapes used below: B sequences padded to T positions; P = the real (unpadded) positions of a batch;
