@@ -19,7 +19,7 @@ class TokenizeConfig:
     # bfloat16 is ~2.5x faster on CPUs with avx512_bf16 at cosine ~1.0 to float32 (STACK-NOTES).
     encoder_dtype: Literal["float32", "bfloat16"] = "float32"
     # Texts per encoder forward pass inside a shard (sorted by length within the shard). On CPU, 32
-    # beats 128 by ~20% in one process and ~60% in shards of 512: a smaller batch pads less and the
+    # beats 128 by ~15% in one process and ~60% in shards of 512: a smaller batch pads less and the
     # GEMMs are just as efficient (BENCHMARKS.md). GPU actors want 256 or more.
     embed_batch_size: int = 32
     # Actors of the embedding and encoding pools. Fractional CPUs keep a 2-core box from
