@@ -28,13 +28,12 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import PeakMemory, machine  # noqa: E402
+from common import PeakMemory, machine, timed  # noqa: E402
 
 from rpg_dist.graph.builder import build_item_graph  # noqa: E402
 from rpg_dist.graph.config import GraphConfig  # noqa: E402
@@ -66,13 +65,9 @@ def formulations(n_digit: int = 32, dim: int = 448, queries: int = 512, items: i
         ("gemm_fp32_concat", lambda: xq @ xi.T),
         ("gemm_bf16_concat", lambda: (xq.bfloat16() @ xi.bfloat16().T)),
     ):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        out[name] = {"pairs_per_s": queries * items / float(np.median(times)), "median_s": float(np.median(times))}
+        fn()  # warm-up
+        seconds, _ = timed(fn, repeats)
+        out[name] = {"pairs_per_s": queries * items / seconds, "median_s": seconds}
     out["lookup_vs_fp32"] = out["lookup_tables"]["pairs_per_s"] / out["gemm_fp32_concat"]["pairs_per_s"]
     return out
 
@@ -95,10 +90,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    if args.formulations:
-        print(json.dumps(formulations(args.digits, args.dim), indent=2))
-        return
-    result = run(args)
+    result = formulations(args.digits, args.dim) if args.formulations else run(args)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -89,8 +89,8 @@ class HeapReuse:
 
     def after_step(self, step: int) -> None:
         """Return free heap pages to the OS every ``trim_every`` steps."""
-        if self.libc is not None and step % self.trim_every == 0:
-            self.libc.malloc_trim(0)
+        if step % self.trim_every == 0:
+            self.trim()
 
     def trim(self) -> None:
         if self.libc is not None:
@@ -101,7 +101,7 @@ class HeapReuse:
         if self.libc is not None:
             self.libc.mallopt(self.M_MMAP_MAX, 65536)
             self.libc.mallopt(self.M_TRIM_THRESHOLD, 128 * 1024)
-            self.libc.malloc_trim(0)
+            self.trim()
             self.libc = None
 
 
