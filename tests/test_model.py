@@ -205,3 +205,44 @@ def test_export_round_trip_on_cpu_and_refuses_other_codes(tmp_path):
     write_semantic_ids(paths.semantic_ids, item_ids, codes)
     with pytest.raises(Exception, match="tokenizer_fingerprint"):
         load_model(run_dir)
+
+
+def test_matches_the_paper_codes_transformers_gpt2_backbone():
+    """Same weights in transformers' GPT2Model, driven the way the paper's code drives it
+    (``inputs_embeds`` = mean of the item's token embeddings, padding mask, per-digit heads and
+    cosine cross-entropy against the pad/eos-stripped ``wte``), give the same loss."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(11, n_layer=2)
+    items, lengths, targets = random_batch(11)
+    d, t = model.cfg.d_model, items.shape[1]
+    hf = transformers.GPT2Model(transformers.GPT2Config(
+        vocab_size=M * V + 2, n_positions=model.cfg.max_seq_len, n_embd=d, n_layer=model.cfg.n_layer,
+        n_head=model.cfg.n_head, n_inner=model.cfg.d_ffn, activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.cfg.layer_norm_eps,
+        bos_token_id=M * V + 1, eos_token_id=M * V + 1,
+    )).eval()
+    with torch.no_grad():
+        hf.wte.weight[1:-1] = model.token_embeddings.reshape(-1, d)  # token 0 = pad, last = eos
+        hf.wpe.weight[:] = model.position_embeddings
+        hf.ln_f.load_state_dict(model.ln_f.state_dict())
+        for ours, theirs in zip(model.blocks, hf.h):
+            theirs.ln_1.load_state_dict(ours.ln_1.state_dict())
+            theirs.ln_2.load_state_dict(ours.ln_2.state_dict())
+            # GPT-2's Conv1D stores (in, out): the transpose of nn.Linear's weight.
+            for conv, linear in ((theirs.attn.c_attn, ours.qkv), (theirs.attn.c_proj, ours.attn_proj),
+                                 (theirs.mlp.c_fc, ours.fc), (theirs.mlp.c_proj, ours.mlp_proj)):
+                conv.weight[:] = linear.weight.t()
+                conv.bias[:] = linear.bias
+    real = torch.arange(t) < lengths[:, None]  # (B, T)
+    tokens = model.item_codes[items.clamp(min=0)].long() + torch.arange(M) * V + 1  # (B, T, m)
+    tokens = torch.where(real[..., None], tokens, 0)
+    hidden = hf(inputs_embeds=hf.wte(tokens).mean(-2), attention_mask=real.long()).last_hidden_state
+    labelled = targets.reshape(-1) != PAD
+    states = torch.stack([hidden + F.silu(F.linear(hidden, model.head_weight[k], model.head_bias[k]))
+                          for k in range(M)], -2)  # (B, T, m, d)
+    states = F.normalize(states.reshape(-1, M, d)[labelled], dim=-1)  # (N, m, d)
+    table = F.normalize(hf.wte.weight[1:-1], dim=-1).chunk(M, 0)
+    codes = model.item_codes[targets.reshape(-1)[labelled]].long()  # (N, m)
+    paper = torch.stack([F.cross_entropy(states[:, k] @ table[k].T / model.cfg.temperature, codes[:, k])
+                         for k in range(M)]).mean()
+    torch.testing.assert_close(model(items, lengths, targets), paper, rtol=1e-5, atol=1e-5)

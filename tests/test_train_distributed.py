@@ -1,4 +1,4 @@
-"""Multi-process training: ZeRO-2/3 over 2 gloo processes under torchrun follow the one-process
+"""Multi-process training: ZeRO-1/2/3 over 2 gloo processes under torchrun follow the one-process
 loss trajectory, and Ray Train with 2 workers survives a killed worker (real processes, real Ray)."""
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ def torchrun(run_dir: str, dataset: str, overrides: list[str], tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_torchrun_zero2_and_zero3_follow_the_single_process_losses(synth_dataset, tmp_path):
+def test_torchrun_zero1_2_3_follow_the_single_process_losses(synth_dataset, tmp_path):
     from rpg_dist.train.stage import train
 
     single = new_run(synth_dataset, str(tmp_path / "single"))
     train(debug_config(synth_dataset, single, *SAME_BATCHES))
     reference = logged_losses(single)
     assert len(reference) == 4
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         run_dir = new_run(synth_dataset, str(tmp_path / f"zero{stage}"))
         summary = torchrun(run_dir, synth_dataset, [*SAME_BATCHES, f"train.zero_stage={stage}"], tmp_path)
         assert summary["world_size"] == 2 and summary["zero_stage"] == stage
