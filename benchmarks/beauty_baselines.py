@@ -15,7 +15,8 @@ part of the sequences (s[:-2]), like the model:
   item a, with p_k the add-one-smoothed counts of digit-k token transitions. It shows what a model
   restricted to per-digit distributions can reach on these semantic IDs.
 
-The last history item itself stays rankable (as for the model), except for the two similarity
+Ranking uses the evaluator's metrics on each baseline's top 10 (``torch.topk``). The last history
+item itself stays rankable (as for the model), except for the two similarity
 baselines, where it would always rank first.
 """
 
@@ -33,16 +34,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from rpg_dist.decode.scoring import item_scores  # noqa: E402
+from rpg_dist.evaluation.metrics import ranking_metrics  # noqa: E402
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids  # noqa: E402
 
 BLOCK = 1024
-
-
-def ndcg_recall(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> tuple[float, float]:
-    """Sums of NDCG@k and Recall@k of one (B, n) block; ties count in the target's favour."""
-    rank = (scores > scores.gather(1, targets[:, None])).sum(1)
-    hit = rank < k
-    return float(torch.where(hit, 1 / torch.log2(rank.double() + 2), 0.0).sum()), float(hit.sum())
 
 
 def load(dataset: str, run: str):
@@ -78,7 +74,8 @@ def baselines(rows, codes, vectors):
         "code_overlap": lambda last: exclude(shared_digits(codes, last) + tie, last),
         "embedding_cosine": lambda last: exclude(unit[last] @ unit.T, last),
         "item_transitions": lambda last: torch.from_numpy(transitions[last.numpy()].toarray()) + tie,
-        "digit_transitions": lambda last: digit_scores(digit_logp, codes, last),
+        # (B, m, V): the transition row of each digit's last token, scored like the model's output
+        "digit_transitions": lambda last: item_scores(digit_logp[torch.arange(m), codes[last]], codes),
     }
 
 
@@ -88,14 +85,6 @@ def shared_digits(codes: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     for k in range(codes.shape[1]):
         total += codes[last, k][:, None] == codes[:, k][None]
     return total
-
-
-def digit_scores(digit_logp: torch.Tensor, codes: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """mean_k log p_k(j_k | last_k) for every item j: (B,) -> (B, n), one digit at a time."""
-    total = torch.zeros(len(last), codes.shape[0])
-    for k in range(codes.shape[1]):
-        total += digit_logp[k][codes[last, k]][:, codes[:, k]]  # (B, V) row gathered at each item's token
-    return total / codes.shape[1]
 
 
 def main() -> None:
@@ -111,13 +100,11 @@ def main() -> None:
         for split, cut in (("val", 2), ("test", 1)):
             last = torch.tensor([r[-cut - 1] for r in rows])
             targets = torch.tensor([r[-cut] for r in rows])
-            ndcg = recall = 0.0
-            for lo in range(0, len(rows), BLOCK):
-                block = slice(lo, lo + BLOCK)
-                d_ndcg, d_recall = ndcg_recall(score(last[block]), targets[block])
-                ndcg, recall = ndcg + d_ndcg, recall + d_recall
-            results[f"{split}/{name}"] = {"ndcg@10": round(ndcg / len(rows), 4), "recall@10": round(recall / len(rows), 4)}
-            print(f"{split:5s} {name:18s} NDCG@10 {ndcg / len(rows):.4f}  Recall@10 {recall / len(rows):.4f}", flush=True)
+            ranked = np.concatenate([score(last[lo:lo + BLOCK]).topk(10, dim=1).indices.numpy()
+                                     for lo in range(0, len(rows), BLOCK)])  # (users, 10)
+            metrics = ranking_metrics(ranked, targets.numpy(), [10])
+            results[f"{split}/{name}"] = {key: round(value, 4) for key, value in metrics.items()}
+            print(f"{split:5s} {name:18s} NDCG@10 {metrics['ndcg@10']:.4f}  Recall@10 {metrics['recall@10']:.4f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
