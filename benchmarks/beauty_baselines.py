@@ -60,7 +60,8 @@ def baselines(rows, codes, vectors):
     popularity = torch.from_numpy(np.bincount(np.concatenate(train), minlength=n).astype(np.float32))
     tie = popularity / (popularity.max() + 1)  # < 1: only breaks ties
     transitions = sp.csr_matrix((np.ones(len(src), np.float32), (src, dst)), shape=(n, n))
-    digit_counts = torch.zeros(m, 256, 256)
+    v = int(codes.max()) + 1  # codebook size (every token of a trained OPQ codebook is used)
+    digit_counts = torch.zeros(m, v, v)
     for k in range(m):  # (m, V, V) token-transition counts, one scatter per digit
         digit_counts[k].index_put_((codes[src, k], codes[dst, k]), torch.ones(len(src)), accumulate=True)
     digit_logp = torch.log((digit_counts + 1) / (digit_counts + 1).sum(-1, keepdim=True))  # (m, V, V)
