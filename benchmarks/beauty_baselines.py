@@ -28,27 +28,30 @@ import os
 import sys
 
 import numpy as np
-import pyarrow.dataset as pads
 import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from rpg_dist.artifacts import RunPaths  # noqa: E402
+from rpg_dist.data.dataset import read_sequences  # noqa: E402
 from rpg_dist.decode.scoring import item_scores  # noqa: E402
 from rpg_dist.evaluation.metrics import ranking_metrics  # noqa: E402
+from rpg_dist.tokenizer.embed import read_embeddings  # noqa: E402
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids  # noqa: E402
 
 BLOCK = 1024
 
 
 def load(dataset: str, run: str):
-    seqs = pads.dataset(os.path.join(dataset, "sequences")).to_table(columns=["item_ids"]).column(0).to_pylist()
-    sids = load_semantic_ids(os.path.join(run, "tokenizer", "semantic_ids.parquet"))
+    """Each user's sequence as item rows, the (n, m) codes and the (n, D) text embeddings."""
+    paths = RunPaths(run)
+    sids = load_semantic_ids(paths.semantic_ids)
+    seqs = read_sequences(dataset).column("item_ids").to_pylist()
     rows = [sids.index.rows(np.asarray(s, np.int64)) for s in seqs]
-    emb = pads.dataset(os.path.join(run, "embeddings")).to_table(columns=["item_id", "embedding"])
-    order = sids.index.rows(emb.column("item_id").to_numpy())
-    vectors = np.zeros((len(sids.index.item_ids), len(emb.column("embedding")[0])), np.float32)
-    vectors[order] = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    item_ids, embeddings = read_embeddings(paths.embeddings)  # every part file under the folder
+    vectors = np.zeros((len(sids.index.item_ids), embeddings.shape[1]), np.float32)
+    vectors[sids.index.rows(item_ids)] = embeddings
     return rows, torch.from_numpy(sids.codes.astype(np.int64)), torch.from_numpy(vectors)
 
 
@@ -105,7 +108,8 @@ def main() -> None:
                                      for lo in range(0, len(rows), BLOCK)])  # (users, 10)
             metrics = ranking_metrics(ranked, targets.numpy(), [10])
             results[f"{split}/{name}"] = {key: round(value, 4) for key, value in metrics.items()}
-            print(f"{split:5s} {name:18s} NDCG@10 {metrics['ndcg@10']:.4f}  Recall@10 {metrics['recall@10']:.4f}", flush=True)
+            print(f"{split:5s} {name:18s} NDCG@10 {metrics['ndcg@10']:.4f}  "
+                  f"Recall@10 {metrics['recall@10']:.4f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -100,7 +100,7 @@ def embedding_table(item_ids: np.ndarray, emb: np.ndarray) -> pa.Table:
 
 
 def read_embeddings(uri: str, storage: StorageConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One part file -> ``(item_ids (n,) int64, embeddings (n, D) float32)``."""
+    """One part file, or every part under a folder -> ``(item_ids (n,) int64, embeddings (n, D) float32)``."""
     table = io.read_parquet(uri, storage, ["item_id", "embedding"])
     dim = table.schema.field("embedding").type.list_size
     flat = table.column("embedding").combine_chunks().flatten().to_numpy()
