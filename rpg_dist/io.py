@@ -6,7 +6,10 @@ see the same endpoint and credentials.
 
 Writes are atomic: a reader sees the old object or the complete new one, never a torn file. Locally
 that is write-to-temporary-then-rename; object stores publish an object only when its upload
-completes, so we write in place and abort the upload on error.
+completes, so we write in place and abort the upload on error. A failed upload is an error, never
+retried by closing again: an fsspec file marks itself closed even when its final flush fails, so a
+second ``close()`` returns quietly and would report an upload that never happened. Whole-object
+writes (``write_bytes``) are retried as whole PUTs instead.
 """
 
 from __future__ import annotations
@@ -152,23 +155,29 @@ def atomic_open(uri: str, storage: StorageConfig | None = None, mode: str = "wb"
     handle = _call(uri, fs.open, path, mode)
     try:
         yield handle
+        # Once only (see the module docstring): the upload completes here or raises.
+        _call(uri, handle.close, attempts=1)
     except BaseException:
-        # Abort the upload: an object store then publishes nothing.
+        # Abort the upload: the object store then publishes nothing and the previous object, if
+        # any, stays as it was.
         with contextlib.suppress(Exception):
             if hasattr(handle, "discard"):
                 handle.discard()
-                # A discarded buffer cannot be flushed: mark it closed so __del__ does not try.
-                handle.closed = True
-        with contextlib.suppress(Exception):
-            if fs.exists(path):
-                fs.rm(path)
+        # A discarded or failed buffer cannot be flushed: mark it closed so __del__ does not try.
+        handle.closed = True
         raise
-    _call(uri, handle.close)
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
-    with atomic_open(uri, storage) as handle:
-        handle.write(data)
+    """Write ``data`` to ``uri`` atomically; remote objects go up as one retried PUT."""
+    fs, path = filesystem(uri, storage)
+    if isinstance(fs, LocalFileSystem):
+        with atomic_open(uri, storage) as handle:
+            handle.write(data)
+        return
+    # Each attempt uploads the whole object afresh (multipart above the block size), so a retry
+    # never builds on a half-finished upload.
+    _call(uri, fs.pipe_file, path, data)
 
 
 def write_text(uri: str, text: str, storage: StorageConfig | None = None) -> None:
@@ -281,24 +290,32 @@ def _read_parquet_file(uri: str, storage: StorageConfig | None, columns: list[st
             raise DataError(f"{uri}: unreadable parquet: {err}") from None
 
 
-def _call(uri: str, fn, *args: Any, **kwargs: Any) -> Any:
-    """Run one storage call with retries on transient errors and clear errors on fatal ones."""
+def _call(uri: str, fn, *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
+    """Run one storage call with retries on transient errors and clear errors on fatal ones.
+
+    ``attempts=1`` for calls that must not be repeated (closing an upload).
+    """
     delay = 0.5
-    for attempt in range(4):
+    for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except FileNotFoundError as err:
             if _missing_bucket(err):
                 raise StorageError(f"{uri}: bucket {_bucket(uri)!r} does not exist") from None
             raise
+        except _missing_credentials() as err:
+            raise StorageError(
+                f"{uri}: no credentials ({err}); set storage.key / storage.secret "
+                "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or storage.anon for a public bucket"
+            ) from None
         except PermissionError as err:
             raise StorageError(
                 f"{uri}: access denied ({err}); check storage.key / storage.secret "
                 "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and storage.endpoint_url"
             ) from None
         except _transient_errors() as err:
-            if attempt == 3:
-                raise StorageError(f"{uri}: storage unreachable after 4 attempts: {err}") from None
+            if attempt == attempts - 1:
+                raise StorageError(f"{uri}: storage unreachable after {attempts} attempt{'s' * (attempts > 1)}: {err}") from None
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -315,6 +332,14 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # s3fs not installed: nothing boto-specific to catch
         pass
     return tuple(errors)
+
+
+def _missing_credentials() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import NoCredentialsError
+    except ImportError:  # s3fs not installed
+        return ()
+    return (NoCredentialsError,)
 
 
 def _bucket(uri: str) -> str:

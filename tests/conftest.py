@@ -271,3 +271,72 @@ def _wait_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float
         except OSError:
             time.sleep(0.3)
     pytest.fail(f"port {port} did not open within {timeout:.0f} s; see {log_path}")
+
+
+class CuttableProxy:
+    """A TCP relay on 127.0.0.1 in front of a server; ``cut()`` drops every connection and the port.
+
+    Stands in for a network failure mid-write (the server behind it keeps its state), at a point the
+    test chooses, with no timing involved.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        import threading
+
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # listener closed by cut()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self.lock:
+                self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        """Refuse new connections and reset open ones."""
+        # shutdown() first: close() alone neither wakes the blocked accept() nor frees the port.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+@pytest.fixture()
+def s3_via_proxy(s3_bucket):
+    """``(proxy, StorageConfig through the proxy, StorageConfig direct, bucket)`` for fault tests.
+
+    The proxied config makes one connection attempt per call with a 2 s connect timeout, so a cut
+    link fails fast instead of waiting out botocore's retries.
+    """
+    from rpg_dist.config import StorageConfig
+
+    endpoint, bucket = s3_bucket
+    proxy = CuttableProxy(int(endpoint.rsplit(":", 1)[1]))
+    fast_fail = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 10}}
+    via = StorageConfig(endpoint_url=f"http://127.0.0.1:{proxy.port}", options=fast_fail)
+    yield proxy, via, StorageConfig(endpoint_url=endpoint), bucket
+    proxy.cut()

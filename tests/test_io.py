@@ -91,6 +91,52 @@ def test_unreachable_endpoint_is_a_storage_error():
         io.read_bytes("s3://bucket/x", storage)
 
 
+def test_failed_upload_close_is_an_error_and_keeps_the_old_object(s3_via_proxy):
+    """The link fails after the data was handed over, before the upload completed (on close)."""
+    proxy, via, direct, bucket = s3_via_proxy
+    target = f"s3://{bucket}/manifest.json"
+    io.write_json(target, {"version": 1}, via)
+    big = f"s3://{bucket}/big.bin"
+    io.write_bytes(big, b"old", via)
+    with pytest.raises(StorageError, match="manifest.json: storage unreachable"):
+        with io.atomic_open(target, via) as handle:
+            handle.write(b'{"version": 2}')
+            proxy.cut()
+    # Larger than one multipart block: the first part goes up before the link fails.
+    with pytest.raises(StorageError, match="big.bin: storage unreachable"):
+        with io.atomic_open(big, via) as handle:
+            handle.write(b"n" * (6 * 2**20))
+            handle.flush()
+            handle.write(b"tail")
+    assert io.read_json(target, direct) == {"version": 1}
+    assert io.read_bytes(big, direct) == b"old"
+
+
+def test_write_to_unreachable_storage_is_an_error(s3_via_proxy):
+    """The reported bug: write_text returned normally after its upload had failed."""
+    proxy, via, direct, bucket = s3_via_proxy
+    target = f"s3://{bucket}/metrics.json"
+    io.write_text(target, "v1", via)
+    proxy.cut()
+    for write in (lambda: io.write_text(target, "v2", via),
+                  lambda: io.write_parquet(pa.table({"a": [1]}), target, via)):
+        with pytest.raises(StorageError, match="metrics.json: storage unreachable"):
+            write()
+    assert io.read_text(target, direct) == "v1"
+
+
+def test_missing_credentials_are_a_clear_error(monkeypatch, s3_bucket):
+    endpoint, bucket = s3_bucket
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match="no credentials .*storage.key / storage.secret"):
+        # A fresh filesystem: the cached one resolved credentials earlier in the session.
+        io.write_text(f"s3://{bucket}/x", "hi", StorageConfig(endpoint_url=endpoint, options={"skip_instance_cache": True}))
+
+
 def test_truncated_parquet_names_the_file(tmp_path):
     good = tmp_path / "good.parquet"
     io.write_parquet(pa.table({"a": list(range(1000))}), str(good))
