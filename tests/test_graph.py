@@ -14,19 +14,14 @@ from rpg_dist.data.items import ItemIndex
 from rpg_dist.errors import DataError, StageError
 from rpg_dist.graph.builder import build_item_graph
 from rpg_dist.graph.config import GraphConfig
-from rpg_dist.graph.exact import dense_neighbors_reference, exact_neighbors
+from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import balanced_assign, cross_fraction, neighbor_counts
-from rpg_dist.graph.similarity import (
-    block_sums,
-    dense_sums_reference,
-    digit_similarity_tables,
-    pair_sums,
-    to_similarity,
-)
+from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, offset_codes, pair_sums, query_tables
 from rpg_dist.graph.stage import build_graph
 from rpg_dist.graph.store import load_graph, read_manifest
 from rpg_dist.graph.synthetic import clustered_codes, random_token_table
 from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
+from twins import dense_neighbors, dense_sums
 
 
 def _tied_catalogue(n_items: int, n_digit: int, seed: int):
@@ -41,7 +36,7 @@ def _tied_catalogue(n_items: int, n_digit: int, seed: int):
 def test_similarity_matches_paper_definition():
     table = random_token_table(4, 16, 10, seed=0)
     codes = torch.randint(0, 16, (30, 4), dtype=torch.int16)
-    sims = to_similarity(dense_sums_reference(digit_similarity_tables(table), codes), 4)
+    sims = 0.5 + dense_sums(digit_similarity_tables(table), codes) / (2 * 4)
     e = torch.nn.functional.normalize(table.double(), dim=-1)
     a, b = 3, 17
     expected = np.mean([(1 + float(e[k, codes[a, k].long()] @ e[k, codes[b, k].long()])) / 2 for k in range(4)])
@@ -52,12 +47,12 @@ def test_similarity_matches_paper_definition():
 def test_block_and_pair_sums_are_bit_identical_to_dense():
     table, codes = _tied_catalogue(120, 6, seed=1)
     tables = digit_similarity_tables(table)
-    dense = dense_sums_reference(tables, codes)
+    dense = dense_sums(tables, codes)
     queries = torch.tensor([0, 5, 119])
-    block = block_sums(tables, codes[queries].long(), codes[40:90].t().long())
-    assert torch.equal(block, dense[queries][:, 40:90])
+    block = block_sums(query_tables(tables, codes[queries]), offset_codes(codes[40:90], 8))  # (items, queries)
+    assert torch.equal(block.t(), dense[queries][:, 40:90])
     cand = torch.randint(0, 120, (3, 11))
-    pairs = pair_sums(tables, codes[queries].long(), codes.t().contiguous(), cand)
+    pairs = pair_sums(tables, codes[queries].long(), codes, cand)
     assert torch.equal(pairs, dense[queries.unsqueeze(1), cand])
 
 
@@ -66,8 +61,8 @@ def test_block_and_pair_sums_are_bit_identical_to_dense():
 def test_exact_blockwise_equals_dense_twin(chunk, n_edges):
     table, codes = _tied_catalogue(150, 5, seed=2)
     tables = digit_similarity_tables(table)
-    got = exact_neighbors(tables, codes.t().contiguous(), torch.arange(150), n_edges, chunk)
-    expected = dense_neighbors_reference(tables, codes, n_edges)
+    got = exact_neighbors(tables, codes, torch.arange(150), n_edges, chunk)
+    expected = dense_neighbors(tables, codes, n_edges)
     assert np.array_equal(got.numpy(), expected)
     assert not (got == torch.arange(150).unsqueeze(1)).any()  # never its own neighbour
     if n_edges == 199:
@@ -94,12 +89,17 @@ def test_neighbor_counts_and_cross_fraction_by_hand():
     assert cross_fraction(partition, neighbors, chunk=2) == pytest.approx(3 / 7)
 
 
-def test_ray_exact_build_equals_twin_and_partitions_keep_edges_inside(ray_local):
+@pytest.mark.parametrize("where", ["ray", "local"])
+def test_exact_build_equals_twin_and_partitions_keep_edges_inside(where, request):
+    if where == "ray":
+        request.getfixturevalue("ray_local")
     codes = clustered_codes(1200, 8, n_clusters=12, keep=0.8, seed=3)
     table = random_token_table(8, 256, 16, seed=3)
-    cfg = GraphConfig(n_edges=20, block_size=200, item_chunk=500, n_partitions=3)
+    cfg = GraphConfig(n_edges=20, block_size=200, item_chunk=500, n_partitions=3,
+                      local_max_items=0 if where == "ray" else 10**9)
     built = build_item_graph(table, codes, cfg, seed=0)
-    expected = dense_neighbors_reference(digit_similarity_tables(table), codes, 20)
+    assert built.info["workers"] == ("2 Ray actors" if where == "ray" else "in-process threads")
+    expected = dense_neighbors(digit_similarity_tables(table), codes, 20)
     assert np.array_equal(built.neighbors, expected)
     sizes = np.bincount(built.partition, minlength=3)
     assert sizes.max() <= 400 and sizes.sum() == 1200
@@ -108,15 +108,18 @@ def test_ray_exact_build_equals_twin_and_partitions_keep_edges_inside(ray_local)
     assert built.info["cross_partition_edge_fraction"] < 0.2
 
 
-@pytest.mark.parametrize("method", ["ivf_blocks", "faiss_index"])
-def test_ray_approx_build_recall(ray_local, method):
+@pytest.mark.parametrize(("method", "where"), [("ivf_blocks", "ray"), ("ivf_blocks", "local"), ("faiss_index", "local")])
+def test_approx_build_recall(method, where, request):
+    if where == "ray":
+        request.getfixturevalue("ray_local")
     codes = clustered_codes(4000, 16, n_clusters=40, keep=0.7, seed=4)
     table = random_token_table(16, 256, 24, seed=4)
     cfg = GraphConfig(mode="approx", approx_method=method, n_edges=30, block_size=1000,
+                      local_max_items=0 if where == "ray" else 10**9,
                       approx_nlist=32, approx_nprobe=4, approx_index="IVF16,Flat", approx_params="nprobe=4",
                       approx_dim=64, approx_candidates=200, recall_sample=300, n_partitions=2)
     built = build_item_graph(table, codes, cfg, seed=0)
-    exact = dense_neighbors_reference(digit_similarity_tables(table), codes, 30)
+    exact = dense_neighbors(digit_similarity_tables(table), codes, 30)
     recall = np.mean([len(set(a) & set(b)) / 30 for a, b in zip(built.neighbors.tolist(), exact.tolist())])
     assert recall >= 0.9
     assert built.stats["recall@30"] == pytest.approx(recall, abs=0.05)
@@ -127,13 +130,13 @@ def test_ray_approx_build_recall(ray_local, method):
     assert len(same) > 100 and all((built.neighbors[i] == exact[i]).all() for i in same)
 
 
-def test_ivf_blocks_with_every_list_probed_is_exact(ray_local):
+def test_ivf_blocks_with_every_list_probed_is_exact():
     codes = clustered_codes(900, 8, n_clusters=9, keep=0.6, seed=8)
     table = random_token_table(8, 256, 16, seed=8)
     cfg = GraphConfig(mode="approx", n_edges=15, approx_nlist=6, approx_nprobe=6, block_size=100,
                       item_chunk=128, recall_sample=50)
     built = build_item_graph(table, codes, cfg, seed=0)
-    assert np.array_equal(built.neighbors, dense_neighbors_reference(digit_similarity_tables(table), codes, 15))
+    assert np.array_equal(built.neighbors, dense_neighbors(digit_similarity_tables(table), codes, 15))
     assert built.stats["recall@15"] == 1.0 and built.info["approx_nlist"] == 6
 
 
@@ -157,7 +160,7 @@ def test_build_graph_stage_writes_and_loads(tmp_path, ray_local):
     assert read_manifest(run_dir)["partition_method"].startswith("balanced k-means")
     index = ItemIndex(item_ids)
     graph = load_graph(run_dir, index)
-    expected = dense_neighbors_reference(digit_similarity_tables(table), torch.from_numpy(codes), 12)
+    expected = dense_neighbors(digit_similarity_tables(table), torch.from_numpy(codes), 12)
     assert np.array_equal(graph.neighbors, expected)
     shard = load_graph(run_dir, index, partition=1)
     assert (shard.partition == 1).all() and np.array_equal(shard.neighbors, expected[shard.rows])

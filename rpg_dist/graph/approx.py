@@ -108,7 +108,7 @@ def plan_ivf(vectors: np.ndarray, nlist: int, nprobe: int, seed: int, train_size
     return IvfPlan(order=order, offsets=offsets, probes=probes.astype(np.int64))
 
 
-def ivf_list_neighbors(tables: torch.Tensor, codes_t: torch.Tensor, plan: IvfPlan, list_id: int,
+def ivf_list_neighbors(tables: torch.Tensor, codes: torch.Tensor, plan: IvfPlan, list_id: int,
                        n_edges: int, chunk: int, query_block: int) -> tuple[np.ndarray, torch.Tensor]:
     """Exact top-k of list ``list_id``'s items among the items of its probed lists.
 
@@ -118,7 +118,7 @@ def ivf_list_neighbors(tables: torch.Tensor, codes_t: torch.Tensor, plan: IvfPla
     queries = plan.order[plan.offsets[list_id] : plan.offsets[list_id + 1]]
     candidates = torch.from_numpy(plan.members(plan.probes[list_id]))
     found = [
-        exact_neighbors(tables, codes_t, torch.from_numpy(queries[lo : lo + query_block]), n_edges, chunk, candidates)
+        exact_neighbors(tables, codes, torch.from_numpy(queries[lo : lo + query_block]), n_edges, chunk, candidates)
         for lo in range(0, len(queries), query_block)
     ]
     return queries, torch.cat(found) if found else torch.empty(0, n_edges, dtype=torch.int64)
@@ -143,7 +143,7 @@ def approx_neighbors(
     index,
     reducer: ItemReducer,
     tables: torch.Tensor,
-    codes_t: torch.Tensor,
+    codes: torch.Tensor,
     query_rows: torch.Tensor,
     n_edges: int,
     n_candidates: int,
@@ -154,13 +154,13 @@ def approx_neighbors(
         (Q, n_edges) int64 rows, best first, -1 padded when fewer valid candidates came back.
     """
     query_rows = query_rows.long()
-    query_codes = codes_t[:, query_rows].t().long()  # (Q, m)
+    query_codes = codes[query_rows].long()  # (Q, m)
     # +1: the query itself is usually its own first hit.
     _, found = index.search(reducer.project(query_codes), min(n_candidates + 1, index.ntotal))
     candidates = torch.from_numpy(found).long()  # (Q, C), -1 where the index ran out
     valid = (candidates >= 0) & (candidates != query_rows.unsqueeze(1))
     candidates = torch.where(valid, candidates, query_rows.unsqueeze(1))
-    keys = ranking_keys(pair_sums(tables, query_codes, codes_t, candidates), candidates)
+    keys = ranking_keys(pair_sums(tables, query_codes, codes, candidates), candidates)
     keys.masked_fill_(~valid, MIN_KEY)
     top = torch.topk(keys, min(n_edges, keys.shape[1]), dim=1).values
     return keys_to_rows(top, n_edges)

@@ -1,15 +1,19 @@
-"""The distributed graph builder: Ray actors compute neighbour lists block by block.
+"""The graph builder: neighbour lists block by block, in this process or on Ray actors.
 
-The driver splits item rows into blocks of ``block_size``; an ``ActorPool`` of ``GraphWorker``
-actors (each holding the (m, V, V) digit tables and the (m, N) int16 codes, ~64 bytes per item,
-plus in approximate mode a copy of the faiss index) returns each block's (block, k) neighbour rows.
-The driver then partitions the graph and measures the approximate mode's recall on a sample.
+Item rows are split into blocks of ``block_size`` (or, in approximate mode, groups of whole IVF
+lists). Catalogues up to ``local_max_items`` run on a thread pool in this process (the kernels
+release the GIL); larger ones on an ``ActorPool`` of ``GraphWorker`` actors, each holding the
+(m, V, V) digit tables and the (N, m) int16 codes (~64 bytes per item), plus in approximate mode a
+copy of the faiss index. Both paths run the same ``GraphWorker`` methods, so they return the same
+lists. The driver then partitions the graph and measures the approximate mode's recall on a sample.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,17 +40,18 @@ class BuiltGraph:
 
 
 class GraphWorker:
-    """Ray actor: neighbour lists for blocks of items, exact or approximate.
+    """Neighbour lists for blocks of items, exact or approximate (a Ray actor, or in-process).
 
     ``approx`` holds the approximate method's shared state: ``{"method": "faiss_index", "index":
     serialised faiss index, "reducer", "n_candidates"}`` or ``{"method": "ivf_blocks", "plan"}``.
     """
 
-    def __init__(self, tables: np.ndarray, codes_t: np.ndarray, n_edges: int, item_chunk: int,
+    def __init__(self, tables: np.ndarray, codes: np.ndarray, n_edges: int, item_chunk: int,
                  query_block: int, threads: int, approx: dict[str, Any] | None = None) -> None:
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.tables = torch.from_numpy(np.array(tables))  # (m, V, V), writable copy
-        self.codes_t = torch.from_numpy(np.array(codes_t))  # (m, N) int16
+        self.codes = torch.from_numpy(np.array(codes))  # (N, m) int16
         self.n_edges = n_edges
         self.item_chunk = item_chunk
         self.query_block = query_block
@@ -61,28 +66,30 @@ class GraphWorker:
         """Neighbours of rows [lo, hi): (rows, (hi-lo, k) int32), exact or via the faiss index."""
         rows = torch.arange(lo, hi)
         if self.approx.get("method") == "faiss_index":
-            found = approx_neighbors(self.index, self.approx["reducer"], self.tables, self.codes_t, rows,
+            found = approx_neighbors(self.index, self.approx["reducer"], self.tables, self.codes, rows,
                                      self.n_edges, self.approx["n_candidates"])
         else:
-            found = exact_neighbors(self.tables, self.codes_t, rows, self.n_edges, self.item_chunk)
+            found = exact_neighbors(self.tables, self.codes, rows, self.n_edges, self.item_chunk)
         return rows.numpy(), found.to(torch.int32).numpy()
 
     def lists(self, list_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """ivf_blocks: neighbours of the items of these lists: (rows, (len(rows), k) int32)."""
         plan = self.approx["plan"]
-        found = [ivf_list_neighbors(self.tables, self.codes_t, plan, l, self.n_edges, self.item_chunk,
+        found = [ivf_list_neighbors(self.tables, self.codes, plan, l, self.n_edges, self.item_chunk,
                                     self.query_block) for l in list_ids]
         rows = np.concatenate([r for r, _ in found])
         return rows, torch.cat([n for _, n in found]).to(torch.int32).numpy()
 
     def exact(self, rows: np.ndarray) -> np.ndarray:
         """Exact neighbours of arbitrary rows (the recall check): (len(rows), k) int32."""
-        found = exact_neighbors(self.tables, self.codes_t, torch.from_numpy(rows), self.n_edges, self.item_chunk)
+        found = exact_neighbors(self.tables, self.codes, torch.from_numpy(rows), self.n_edges, self.item_chunk)
         return found.to(torch.int32).numpy()
 
 
 def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, seed: int = 0) -> BuiltGraph:
-    """Build, partition and (approximate mode) recall-check the kNN graph. Needs Ray initialised.
+    """Build, partition and (approximate mode) recall-check the kNN graph.
+
+    Ray must be initialised when the catalogue exceeds ``cfg.local_max_items``.
 
     Args:
         token_embeddings: (m, V, d) trained token table.
@@ -95,17 +102,18 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     tables = digit_similarity_tables(token_embeddings)  # (m, V, V)
-    codes_t = codes.t().to(torch.int16).contiguous()  # (m, N)
+    codes16 = codes.to(torch.int16).contiguous()  # (N, m)
     approx = None
     approx_info = {}
     if cfg.mode == "approx":
         approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
         timings["approx_index_s"] = time.perf_counter() - clock
         approx_info = _describe(approx, cfg)
-    workers = _start_workers(tables, codes_t, n_edges, cfg, approx)
+    local = n_items <= cfg.local_max_items
+    workers = _LocalWorkers(tables, codes16, n_edges, cfg, approx) if local else _RayWorkers(tables, codes16, n_edges, cfg, approx)
     try:
         clock = time.perf_counter()
-        neighbors = _run_tasks(workers, _tasks(n_items, cfg.block_size, approx), n_items, n_edges)
+        neighbors = _collect(workers.run(_tasks(n_items, cfg.block_size, approx)), n_items, n_edges)
         timings["neighbors_s"] = time.perf_counter() - clock
         stats = {}
         if cfg.mode == "approx" and cfg.recall_sample:
@@ -113,7 +121,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
             stats = _recall(workers, neighbors, cfg.recall_sample, seed)
             timings["recall_s"] = time.perf_counter() - clock
     finally:
-        _stop_workers(workers)
+        workers.close()
     clock = time.perf_counter()
     partition, method = _partition(token_embeddings, codes, neighbors, cfg, seed)
     timings["partition_s"] = time.perf_counter() - clock
@@ -121,6 +129,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         "n_items": n_items,
         "n_edges": n_edges,
         "mode": cfg.mode,
+        "workers": "in-process threads" if local else f"{cfg.num_actors} Ray actors",
         "n_partitions": int(partition.max()) + 1 if n_items else 0,
         "partition_method": method,
         "partition_sizes": np.bincount(partition, minlength=cfg.n_partitions).tolist(),
@@ -162,16 +171,60 @@ def _describe(approx: dict[str, Any], cfg: GraphConfig) -> dict[str, Any]:
     return out
 
 
-def _start_workers(tables, codes_t, n_edges: int, cfg: GraphConfig, approx) -> list:
-    import ray
+class _LocalWorkers:
+    """One ``GraphWorker`` in this process; tasks on a thread pool, each op single-threaded."""
 
-    remote = ray.remote(GraphWorker).options(num_cpus=cfg.num_cpus_per_actor)
-    tables_ref, codes_ref = ray.put(tables.numpy()), ray.put(codes_t.numpy())
-    approx_ref = ray.put(approx) if approx is not None else None
-    return [
-        remote.remote(tables_ref, codes_ref, n_edges, cfg.item_chunk, cfg.block_size, cfg.threads_per_actor, approx_ref)
-        for _ in range(cfg.num_actors)
-    ]
+    def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx) -> None:
+        self.threads = cfg.local_threads or torch.get_num_threads()
+        self.worker = GraphWorker(tables.numpy(), codes.numpy(), n_edges, cfg.item_chunk, cfg.block_size, 0, approx)
+
+    def run(self, tasks: list[tuple[str, tuple]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                yield from pool.map(lambda t: getattr(self.worker, t[0])(*t[1]), tasks)
+        finally:
+            torch.set_num_threads(saved)
+
+    def exact(self, rows: np.ndarray) -> np.ndarray:
+        parts = np.array_split(rows, self.threads)
+        return np.concatenate(list(self.run([("exact", (p,)) for p in parts if len(p)])))
+
+    def close(self) -> None:
+        pass
+
+
+class _RayWorkers:
+    """``GraphWorker`` actors behind an ``ActorPool``; shared inputs go to the object store once."""
+
+    def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx) -> None:
+        import ray
+
+        remote = ray.remote(GraphWorker).options(num_cpus=cfg.num_cpus_per_actor)
+        tables_ref, codes_ref = ray.put(tables.numpy()), ray.put(codes.numpy())
+        approx_ref = ray.put(approx) if approx is not None else None
+        self.actors = [
+            remote.remote(tables_ref, codes_ref, n_edges, cfg.item_chunk, cfg.block_size, cfg.threads_per_actor, approx_ref)
+            for _ in range(cfg.num_actors)
+        ]
+
+    def run(self, tasks: list[tuple[str, tuple]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        from ray.util import ActorPool
+
+        yield from ActorPool(self.actors).map_unordered(lambda actor, t: getattr(actor, t[0]).remote(*t[1]), tasks)
+
+    def exact(self, rows: np.ndarray) -> np.ndarray:
+        import ray
+
+        parts = np.array_split(rows, len(self.actors))
+        return np.concatenate(ray.get([a.exact.remote(p) for a, p in zip(self.actors, parts) if len(p)]))
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def _tasks(n_items: int, block_size: int, approx) -> list[tuple[str, tuple]]:
@@ -191,29 +244,23 @@ def _tasks(n_items: int, block_size: int, approx) -> list[tuple[str, tuple]]:
     return tasks
 
 
-def _run_tasks(workers: list, tasks: list[tuple[str, tuple]], n_items: int, n_edges: int) -> np.ndarray:
-    """Every task once, on whichever worker is free; results land in one (N, k) int32 array."""
-    from ray.util import ActorPool
-
+def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], n_items: int, n_edges: int) -> np.ndarray:
+    """Every task's (rows, lists) into one (N, k) int32 array, logging progress."""
     neighbors = np.full((n_items, n_edges), -1, np.int32)
-    pool = ActorPool(workers)
     done = 0
-    for rows, found in pool.map_unordered(lambda worker, t: getattr(worker, t[0]).remote(*t[1]), tasks):
+    for rows, found in results:
         neighbors[rows] = found
-        done += 1
-        if done % max(1, len(tasks) // 10) == 0:
-            log.info("graph: %d/%d tasks", done, len(tasks))
+        done += len(rows)
+        if done * 10 // n_items > (done - len(rows)) * 10 // n_items:
+            log.info("graph: %d/%d items", done, n_items)
     return neighbors
 
 
-def _recall(workers: list, neighbors: np.ndarray, sample_size: int, seed: int) -> dict[str, Any]:
+def _recall(workers, neighbors: np.ndarray, sample_size: int, seed: int) -> dict[str, Any]:
     """Recall of the approximate lists against exact ones on a random sample of items."""
-    import ray
-
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(neighbors), min(sample_size, len(neighbors)), replace=False))
-    parts = np.array_split(sample, len(workers))
-    exact = np.concatenate(ray.get([w.exact.remote(p) for w, p in zip(workers, parts) if len(p)]))
+    exact = workers.exact(sample)
     approx = neighbors[sample]
     hits = (approx[:, :, None] == exact[:, None, :]) & (exact[:, None, :] >= 0)
     per_item = hits.any(axis=1).sum(axis=1) / np.maximum((exact >= 0).sum(axis=1), 1)
@@ -224,13 +271,6 @@ def _recall(workers: list, neighbors: np.ndarray, sample_size: int, seed: int) -
         "recall_p10": float(np.quantile(per_item, 0.1)),
         "top1_agreement": float((approx[:, 0] == exact[:, 0]).mean()),
     }
-
-
-def _stop_workers(workers: list) -> None:
-    import ray
-
-    for worker in workers:
-        ray.kill(worker)
 
 
 def _partition(token_embeddings, codes, neighbors: np.ndarray, cfg: GraphConfig, seed: int) -> tuple[np.ndarray, str]:

@@ -15,10 +15,15 @@ class GraphConfig:
     mode: Literal["exact", "approx"] = "exact"
     n_edges: int = 200
     # Query items per task sent to a worker (ivf_blocks: items of whole lists, about this many);
-    # memory per worker is O(block_size x (item_chunk + n_edges)).
+    # memory per worker is O(64 x item_chunk + block_size x n_edges).
     block_size: int = 1024
     # Items scored per merge step inside a block.
-    item_chunk: int = 8192
+    item_chunk: int = 16_384
+    # Catalogues up to this size are built on a thread pool in this process (no actors to start,
+    # nothing to ship: 12k items take well under a second); larger ones on Ray actors.
+    local_max_items: int = 200_000
+    # Threads of the in-process build (0: torch's intra-op thread count).
+    local_threads: int = 0
     num_actors: int = 2
     # Fractional CPUs so that actors plus the driver can never deadlock a 2-core Ray.
     num_cpus_per_actor: float = 0.5
@@ -65,6 +70,6 @@ class GraphConfig:
                 f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
                 "the rerank needs at least n_edges candidates"
             )
-        for name in ("recall_sample", "refine_rounds", "approx_nlist"):
+        for name in ("recall_sample", "refine_rounds", "approx_nlist", "local_max_items", "local_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")

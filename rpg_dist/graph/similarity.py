@@ -6,11 +6,14 @@ Neighbour order only depends on S, so everything ranks by S.
 
 Why lookups and not the concatenated-vector inner product: S(a, b) is also <x_a, x_b> with x_a the
 concatenation of the m normalised token vectors (m*d = 14,336 dims at m=32, d=448), i.e. ~28,700
-FLOP per pair (16,400 after factoring each T_k, rank <= 256). The table form costs m = 32 lookups
-and adds per pair, which on this CPU runs at ~0.3-1.3e9 lookups/s (~1-4e7 pairs/s) against
-~2.7e6 pairs/s for the fp32 GEMM and ~7e6 for bf16 (benchmarks/bench_graph.py prints both). The
-tables also make every sum exact and order-fixed: digits are added in order 0..m-1 in float32, so
-blockwise, reranked and dense computations give bit-identical S and identical neighbour lists.
+FLOP per pair. The table form costs m lookups and adds per pair. Laid out for a block of Q query
+items as one (m*V, Q) table whose row k*V + j holds T_k[a_k, j] for every query a, the sums of C
+items are ``F.embedding_bag`` over their m offset codes: each lookup reads Q contiguous floats, so
+the kernel (FBGEMM's) runs at ~1 ns per pair on one core of this CPU, against ~22 ns for per-digit
+``index_select`` gathers (the reference code's formulation) and ~400 ns for an fp32 GEMM in the
+concatenated space (``benchmarks/bench_graph.py --formulations`` prints all three). It adds digits in order
+0..m-1 in float32, so blockwise, reranked and dense computations give bit-identical S and
+identical neighbour lists.
 """
 
 from __future__ import annotations
@@ -25,37 +28,31 @@ def digit_similarity_tables(token_embeddings: torch.Tensor) -> torch.Tensor:
     return torch.bmm(normed, normed.transpose(1, 2)).contiguous()
 
 
-def to_similarity(sums: torch.Tensor, n_digit: int) -> torch.Tensor:
-    """The paper's sim in [0, 1] from cosine sums S."""
-    return 0.5 + sums / (2 * n_digit)
+def offset_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(C, m) codes -> (C, m) int32 rows of a stacked (m*V, .) table: digit k's token j is k*V + j."""
+    n_digit = codes.shape[1]
+    return codes.to(torch.int32) + torch.arange(0, n_digit * codebook_size, codebook_size, dtype=torch.int32)
 
 
-def block_sums(tables: torch.Tensor, query_codes: torch.Tensor, item_codes_t: torch.Tensor) -> torch.Tensor:
-    """S for every (query, item) pair of a block.
-
-    Args:
-        tables: (m, V, V) digit cosine tables.
-        query_codes: (Q, m) int64 codes of the query items.
-        item_codes_t: (m, C) int64 codes of the block's items, digit-major.
-
-    Returns:
-        (Q, C) float32 cosine sums, digits added in order 0..m-1.
-    """
-    # Per digit: the queries' (Q, V) table rows, then the items' columns; the (Q, V) slab is
-    # small enough (Q x 1 KB) to stay in cache while (Q, C) columns are gathered from it.
-    total = tables[0].index_select(0, query_codes[:, 0]).index_select(1, item_codes_t[0])
-    for k in range(1, tables.shape[0]):
-        total += tables[k].index_select(0, query_codes[:, k]).index_select(1, item_codes_t[k])
-    return total
+def query_tables(tables: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:
+    """(m*V, Q) float32: row k*V + j holds T_k[a_k, j] for each query item a (codes (Q, m))."""
+    n_digit, vocab, _ = tables.shape
+    rows = tables[torch.arange(n_digit).unsqueeze(1), query_codes.t().long()]  # (m, Q, V)
+    return rows.transpose(1, 2).reshape(n_digit * vocab, -1).contiguous()
 
 
-def pair_sums(tables: torch.Tensor, query_codes: torch.Tensor, codes_t: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """S for a different candidate list per query (approximate-mode rerank).
+def block_sums(luts: torch.Tensor, item_offset_codes: torch.Tensor) -> torch.Tensor:
+    """S of C items against the Q queries of ``luts`` (m*V, Q): (C, Q) float32, digits in order."""
+    return F.embedding_bag(item_offset_codes, luts, mode="sum")
+
+
+def pair_sums(tables: torch.Tensor, query_codes: torch.Tensor, codes: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """S for a different candidate list per query (the faiss-index rerank).
 
     Args:
         tables: (m, V, V) digit cosine tables.
         query_codes: (Q, m) int64 codes of the queries.
-        codes_t: (m, N) codes of all items, digit-major (any integer dtype).
+        codes: (N, m) codes of all items (any integer dtype).
         candidates: (Q, C) int64 candidate rows per query.
 
     Returns:
@@ -63,16 +60,8 @@ def pair_sums(tables: torch.Tensor, query_codes: torch.Tensor, codes_t: torch.Te
     """
     n_digit, vocab = tables.shape[0], tables.shape[1]
     flat = tables.reshape(n_digit, vocab * vocab)  # (m, V*V): row a_k of T_k starts at a_k * V
-    total = flat[0][query_codes[:, :1] * vocab + codes_t[0][candidates]]
+    cand = codes[candidates].long()  # (Q, C, m)
+    total = flat[0][query_codes[:, :1] * vocab + cand[..., 0]]
     for k in range(1, n_digit):
-        total += flat[k][query_codes[:, k : k + 1] * vocab + codes_t[k][candidates]]
-    return total
-
-
-def dense_sums_reference(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Brute-force twin: the full (N, N) matrix of S (small catalogues only)."""
-    codes = codes.long()
-    total = tables[0][codes[:, 0]][:, codes[:, 0]]
-    for k in range(1, tables.shape[0]):
-        total += tables[k][codes[:, k]][:, codes[:, k]]
+        total += flat[k][query_codes[:, k : k + 1] * vocab + cand[..., k]]
     return total

@@ -62,7 +62,8 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
             f"{paths.model_weights}: token_embeddings {tuple(token_embeddings.shape)} do not match the "
             f"{codes.shape[1]}-digit codes of {paths.semantic_ids}"
         )
-    init_ray(cfg.ray)
+    if codes.shape[0] > cfg.graph.local_max_items:
+        init_ray(cfg.ray)
     log.info("graph: %d items, mode %s, %d edges", codes.shape[0], cfg.graph.mode, cfg.graph.n_edges)
     built = build_item_graph(token_embeddings, codes, cfg.graph, seed=cfg.seed)
     write_started = time.perf_counter()
