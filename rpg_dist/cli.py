@@ -52,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
     p.set_defaults(handler=_prepare)
 
-    p = sub.add_parser("synth", help="generate a synthetic, learnable catalogue")
+    p = sub.add_parser("synth", help="generate a synthetic catalogue (taxonomy, or fitted on a real run)")
     p.add_argument("--items", type=int, required=True, help="number of items")
     p.add_argument("--users", type=int, required=True, help="number of users")
     p.add_argument("--out", required=True, help="dataset URI to create")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--like", metavar="RUN_DIR", default=None,
+                   help="fit item vectors and user transitions on this tokenized run (realistic codes); "
+                        "items get an `embedding` column for tokenize.embeddings=items")
+    p.add_argument("--components", type=int, default=None, help="--like: mixture components (default n/4)")
     _add_storage_args(p)
     p.set_defaults(handler=_synth)
 
@@ -138,10 +142,15 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from rpg_dist.data import importers, synth
+    from rpg_dist.data import importers, realistic, synth
 
-    raw = synth.generate(n_items=args.items, n_users=args.users, seed=args.seed)
-    info = importers.write(raw, args.out, source="synth", storage=_storage(args), overwrite=args.overwrite)
+    if args.like:
+        model = realistic.fit_run(args.like, _storage(args), args.components, args.seed)
+        info = realistic.write_catalogue(model, args.items, args.users, args.out, _storage(args), args.seed,
+                                         overwrite=args.overwrite)
+    else:
+        raw = synth.generate(n_items=args.items, n_users=args.users, seed=args.seed)
+        info = importers.write(raw, args.out, source="synth", storage=_storage(args), overwrite=args.overwrite)
     _print_json(info.__dict__)
     return 0
 
@@ -150,7 +159,7 @@ def _stage(fn: Callable) -> Callable[[argparse.Namespace], int]:
     """Load the config first (bad configs fail fast, before heavy imports), then run the stage."""
 
     def handler(args: argparse.Namespace) -> int:
-        from rpg_dist.recommend import save_run_config
+        from rpg_dist.config import save_run_config
 
         cfg = _config(args)
         save_run_config(cfg)

@@ -112,6 +112,35 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {err}") from None
 
 
+RUN_CONFIG = "config.yaml"
+
+
+def save_run_config(cfg: Config) -> None:
+    """Record the resolved config in ``RUN_DIR/config.yaml`` (what serving and ``synth --like`` read).
+
+    Storage credentials are left out: whoever loads the run supplies their own.
+    """
+    from rpg_dist import io
+
+    public = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, key=None, secret=None))
+    io.write_text(io.join(cfg.run_dir, RUN_CONFIG), configlib.to_yaml(public), cfg.storage)
+
+
+def read_run_config(run_dir: str, storage: StorageConfig | None = None) -> Config:
+    """The config a run was made with (``RUN_DIR/config.yaml``).
+
+    Raises:
+        StageError: ``run_dir`` has no config.yaml.
+    """
+    from rpg_dist import io
+    from rpg_dist.errors import StageError
+
+    uri = io.join(run_dir, RUN_CONFIG)
+    if not io.exists(uri, storage):
+        raise StageError(f"{run_dir}: no config.yaml; is this a run directory (`rpg-dist run`)?")
+    return config_from_dict(configlib.load_yaml_text(io.read_text(uri, storage), uri), uri)
+
+
 def with_absolute_paths(cfg: Config) -> Config:
     """``cfg`` with its local relative paths (dataset, run_dir, prepare inputs) made absolute.
 

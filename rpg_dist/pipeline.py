@@ -99,7 +99,7 @@ def run_pipeline(cfg: Config, force: list[str] | None = None) -> dict[str, Any]:
     unknown = force - set(STAGE_NAMES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_NAMES)}")
-    from rpg_dist.recommend import save_run_config
+    from rpg_dist.config import save_run_config
 
     cfg = with_absolute_paths(cfg)
     paths = RunPaths(cfg.run_dir)

@@ -16,7 +16,6 @@ import torch
 
 from rpg_dist import io
 from rpg_dist.artifacts import RunPaths
-from rpg_dist.configlib import build, load_yaml_text
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
 from rpg_dist.decode.scoring import full_ranking_topk
@@ -46,19 +45,6 @@ def parse_history(text: str) -> list[int]:
     return history
 
 
-def save_run_config(cfg: Config) -> None:
-    """Record the resolved config in ``RUN_DIR/config.yaml`` (what serving reads the dataset from).
-
-    Storage credentials are left out: whoever loads the run supplies their own.
-    """
-    import dataclasses
-
-    from rpg_dist.configlib import to_yaml
-
-    public = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, key=None, secret=None))
-    io.write_text(io.join(cfg.run_dir, "config.yaml"), to_yaml(public), cfg.storage)
-
-
 class Recommender:
     """A trained run loaded for serving: model, item codes, kNN graph and item titles."""
 
@@ -80,15 +66,12 @@ class Recommender:
         Raises:
             StageError: the run has no trained model (or no ``config.yaml``).
         """
-        from rpg_dist.config import Config
+        from rpg_dist.config import read_run_config
         from rpg_dist.data.dataset import read_items
         from rpg_dist.graph.store import load_graph
         from rpg_dist.model.export import load_model
 
-        config_uri = io.join(run_dir, "config.yaml")
-        if not io.exists(config_uri, storage):
-            raise StageError(f"{run_dir}: no config.yaml; is this a run directory (`rpg-dist run`)?")
-        cfg = build(Config, load_yaml_text(io.read_text(config_uri, storage), config_uri))
+        cfg = read_run_config(run_dir, storage)
         storage = storage or cfg.storage
         model = load_model(run_dir, storage)
         from rpg_dist.tokenizer.semantic_ids import load_semantic_ids

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from rpg_dist import io
 from rpg_dist.errors import DataError
+
+if TYPE_CHECKING:
+    from rpg_dist.config import StorageConfig
 
 
 class ItemIndex:
@@ -27,16 +34,48 @@ class ItemIndex:
             DataError: an id is unknown; the message names ``what`` and the first unknown id.
         """
         ids = np.asarray(item_ids, dtype=np.int64)
-        if len(self.item_ids) == 0:
-            if ids.size:
-                raise DataError(f"{what}: item_id {int(ids.flat[0])} is unknown (no items)")
-            return ids.copy()
-        pos = np.clip(np.searchsorted(self.item_ids, ids), 0, len(self.item_ids) - 1)
-        unknown = self.item_ids[pos] != ids
-        if unknown.any():
-            raise DataError(f"{what}: item_id {int(ids[unknown].flat[0])} is unknown")
+        pos, known = self.find(ids)
+        if not known.all():
+            suffix = " (no items)" if len(self.item_ids) == 0 else ""
+            raise DataError(f"{what}: item_id {int(ids[~known].flat[0])} is unknown{suffix}")
         return pos
+
+    def find(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, known)`` of ``item_ids`` (any shape): rows are meaningful where ``known``."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(self.item_ids) == 0:
+            return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+        pos = np.clip(np.searchsorted(self.item_ids, ids), 0, len(self.item_ids) - 1)
+        return pos, self.item_ids[pos] == ids
 
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Item ids of dense ``rows`` (any shape)."""
         return self.item_ids[np.asarray(rows)]
+
+
+def repeats(values: np.ndarray) -> np.ndarray:
+    """Mask of the entries of 1-D ``values`` equal to an earlier entry."""
+    _, first = np.unique(values, return_index=True)
+    mask = np.ones(len(values), bool)
+    mask[first] = False
+    return mask
+
+
+def iter_item_ids(uri: str, storage: StorageConfig | None = None,
+                  column: str = "item_id") -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(file, first row, ids)`` batches of one integer column of a parquet file or folder.
+
+    Raises:
+        DataError: a null id, naming the file, the field and the row.
+    """
+    row, current = 0, None
+    for file_uri, batch in io.iter_parquet(uri, storage, [column]):
+        if file_uri != current:
+            row, current = 0, file_uri
+        values = batch.column(0)
+        if values.null_count:
+            null_row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{file_uri}: row {row + null_row}: field '{column}' is null")
+        ids = values.to_numpy().astype(np.int64)
+        yield file_uri, row, ids
+        row += len(ids)

@@ -132,8 +132,8 @@ def _sequences(n_users, catalogue, leaves, rng, mean_length, max_length) -> tupl
     complements = np.stack(
         [rng.permutation(np.flatnonzero(dept_of_leaf == dept_of_leaf[k]))[:3] for k in range(n_leaf)]
     )
-    by_leaf = _Sampler(catalogue["leaf"], catalogue["popularity"])
-    by_leaf_brand = _Sampler(catalogue["leaf"] * len(catalogue["brand_names"]) + catalogue["brand"], catalogue["popularity"])
+    by_leaf = GroupSampler(catalogue["leaf"], catalogue["popularity"])
+    by_leaf_brand = GroupSampler(catalogue["leaf"] * len(catalogue["brand_names"]) + catalogue["brand"], catalogue["popularity"])
     favourite = rng.integers(0, n_dept, (n_users, 2))
     lengths = np.minimum(5 + rng.geometric(1.0 / max(mean_length - 4.0, 1.0), n_users) - 1, max_length)
     steps = np.zeros((n_users, int(lengths.max())), np.int64)
@@ -165,7 +165,7 @@ def _leaf_in_departments(dept: np.ndarray, dept_of_leaf: np.ndarray, rng: np.ran
     return order[starts[dept] + (rng.random(len(dept)) * counts[dept]).astype(np.int64)]
 
 
-class _Sampler:
+class GroupSampler:
     """Draw one item per query from the group ``key``, proportionally to popularity (vectorised)."""
 
     def __init__(self, keys: np.ndarray, weight: np.ndarray) -> None:

@@ -18,6 +18,10 @@ class TokenizeConfig:
     encoder: str = BUNDLED_ENCODER
     # bfloat16 is ~2.5x faster on CPUs with avx512_bf16 at cosine ~1.0 to float32 (STACK-NOTES).
     encoder_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Precomputed item vectors instead of the encoder (rpg_dist/tokenizer/precomputed.py): "items"
+    # reads an `embedding` column of the dataset's items table; a parquet URI (file or folder) of
+    # `item_id, embedding` rows holding every item once. "" (default): encode the item text.
+    embeddings: str = ""
     # Texts per encoder forward pass inside a shard (sorted by length within the shard). On CPU, 32
     # beats 128 by ~15% in one process and ~60% in shards of 512: a smaller batch pads less and the
     # GEMMs are just as efficient (BENCHMARKS.md). GPU actors want 256 or more.

@@ -29,10 +29,11 @@ import pyarrow.parquet as pq
 from rpg_dist import io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.data import dataset
+from rpg_dist.data.items import iter_item_ids, repeats
 from rpg_dist.data.splits import leave_one_out
 from rpg_dist.errors import ConfigError, DataError, RpgDistError, StageError
 from rpg_dist.raycluster import init_ray
-from rpg_dist.tokenizer import embed, opq, shards
+from rpg_dist.tokenizer import embed, opq, precomputed, shards
 from rpg_dist.tokenizer.stats import CodeStats
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ def tokenize(cfg: Config, add: str | None = None) -> dict[str, Any]:
         StageError: ``add`` before a full run, or an artefact from an incompatible run.
     """
     start = time.perf_counter()
-    embed.resolve_encoder(cfg.tokenize.encoder)  # fail before starting anything
+    if not cfg.tokenize.embeddings:
+        embed.resolve_encoder(cfg.tokenize.encoder)  # fail before starting anything
     init_ray(cfg.ray)
     paths = RunPaths(cfg.run_dir)
     timings: dict[str, Any] = {}
@@ -88,14 +90,16 @@ def embed_dataset(cfg: Config) -> tuple[list[shards.Shard], str, dict[str, Any]]
     init_ray(cfg.ray)
     t, storage = cfg.tokenize, cfg.storage
     dataset.read_info(cfg.dataset, storage)
-    items = dataset.items_uri(cfg.dataset)
+    items = precomputed.source_uri(t.embeddings, cfg.dataset) if t.embeddings else dataset.items_uri(cfg.dataset)
+    if t.embeddings and t.embeddings != precomputed.ITEMS_COLUMN:
+        precomputed.check_ids(items, cfg.dataset, storage)
     plan = shards.plan_shards(items, t.shard_size, storage)
     if not plan:
         raise DataError(f"{items}: no items to tokenize")
     embed_fp = shards.digest(_encoder_identity(t), t.embed_batch_size, t.shard_size,
                              shards.input_fingerprint(items, storage))
-    timings = _embed(cfg, RunPaths(cfg.run_dir), plan, embed_fp,
-                     owned=lambda key: not key.startswith(ADD_PREFIX))
+    timings = _embed(cfg, RunPaths(cfg.run_dir), plan, embed_fp, owned=lambda key: not key.startswith(ADD_PREFIX),
+                     source=items)
     return plan, embed_fp, timings
 
 
@@ -111,32 +115,38 @@ def _add_items(cfg: Config, paths: RunPaths, uri: str, timings: dict[str, Any]) 
                          f"{meta['encoder']}, which the OPQ index at {paths.opq_index} was trained on")
     input_fp = shards.input_fingerprint(uri, storage)
     prefix = f"{ADD_PREFIX}{input_fp[:10]}-"
-    _check_new_ids(uri, paths, prefix, storage)
+    _check_new_ids(uri, paths, prefix, storage, vectors=bool(t.embeddings))
     plan = shards.plan_shards(uri, t.shard_size, storage, prefix=prefix)
     embed_fp = shards.digest(_encoder_identity(t), t.embed_batch_size, t.shard_size, input_fp)
-    timings.update(_embed(cfg, paths, plan, embed_fp, owned=lambda key: key.startswith(prefix)))
+    if t.embeddings and precomputed.expected_dim(uri, storage) != meta["dim"]:
+        raise DataError(f"{uri}: field 'embedding' has {precomputed.expected_dim(uri, storage)} dimensions; the "
+                        f"OPQ index at {paths.opq_index} was trained on {meta['dim']}")
+    timings.update(_embed(cfg, paths, plan, embed_fp, owned=lambda key: key.startswith(prefix), source=uri))
     keys = sorted(shards.committed(paths.embedding_manifests, storage))
     timings.update(encode_shards(cfg, keys, only={s.key for s in plan}))
     return keys
 
 
-def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: str, owned) -> dict[str, Any]:
-    """Embed the planned shards that are not committed yet; drop owned shards no longer planned."""
+def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: str, owned, source: str) -> dict[str, Any]:
+    """Embed (or import) the planned shards not committed yet; drop owned shards no longer planned."""
     t, storage = cfg.tokenize, cfg.storage
     done = set(shards.drop_stale(paths.embedding_manifests, {s.key: fingerprint for s in plan}, storage, owned))
     _remove_unplanned_parts(paths.embeddings, {s.key for s in plan}, owned, storage)
     pending = [s for s in plan if s.key not in done]
     log.info("embed: %d shards, %d committed, %d to run", len(plan), len(done), len(pending))
     start = time.perf_counter()
-    worker_kwargs = dict(
-        encoder=t.encoder, dtype=t.encoder_dtype, batch_size=t.embed_batch_size, threads=t.actor_threads(),
-        use_gpu=_embed_gpus(t) > 0, out_dir=paths.embeddings, manifest_dir=paths.embedding_manifests,
-        fingerprint=fingerprint, storage=storage,
-    )
-    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor, num_gpus=_embed_gpus(t),
+    common = dict(out_dir=paths.embeddings, manifest_dir=paths.embedding_manifests, fingerprint=fingerprint,
+                  storage=storage)
+    if t.embeddings:
+        worker, gpus, env = precomputed.ShardImporter, 0.0, None
+        kwargs = dict(dim=precomputed.expected_dim(source, storage), identity=_encoder_identity(t), **common)
+    else:
+        worker, gpus, env = embed.ShardEmbedder, _embed_gpus(t), embed.OFFLINE_ENV
+        kwargs = dict(encoder=t.encoder, dtype=t.encoder_dtype, batch_size=t.embed_batch_size,
+                      threads=t.actor_threads(), use_gpu=gpus > 0, **common)
+    pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor, num_gpus=gpus,
                            start_timeout_s=t.actor_start_timeout_s)
-    manifests = shards.run_shards([_shard_task(s) for s in pending], embed.ShardEmbedder, worker_kwargs,
-                                  pool, "embed", env=embed.OFFLINE_ENV)
+    manifests = shards.run_shards([_shard_task(s) for s in pending], worker, kwargs, pool, "embed", env=env)
     seconds = time.perf_counter() - start
     n_items = sum(m["n_items"] for m in manifests)
     missing = set(s.key for s in plan) - set(shards.committed(paths.embedding_manifests, storage))
@@ -280,7 +290,7 @@ def _check_unique(item_ids: list[np.ndarray], keys: list[str], where: str) -> No
                         f"part-{keys[second]}; remove one of them (an --add batch overlapping the dataset?)")
 
 
-def _check_new_ids(uri: str, paths: RunPaths, prefix: str, storage: StorageConfig | None) -> None:
+def _check_new_ids(uri: str, paths: RunPaths, prefix: str, storage: StorageConfig | None, vectors: bool) -> None:
     """New items must be unique and not tokenized yet (except by an earlier run of this same batch)."""
     ours = [io.join(paths.codes, shards.part_name(k)) for k in shards.committed(paths.code_manifests, storage)
             if k.startswith(prefix)]
@@ -289,10 +299,10 @@ def _check_new_ids(uri: str, paths: RunPaths, prefix: str, storage: StorageConfi
         known = np.setdiff1d(known, _ids_of(ours, storage))
     known = np.sort(known)
     seen = np.empty(0, np.int64)
-    for file_uri, row0, ids in _iter_ids(uri, storage):
+    for file_uri, row0, ids in _iter_ids(uri, storage, vectors):
         pos = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
         old = np.flatnonzero(known[pos] == ids) if len(known) else np.empty(0, np.int64)
-        dup_inside = np.flatnonzero(np.isin(ids, seen) | _dups_within(ids))
+        dup_inside = np.flatnonzero(np.isin(ids, seen) | repeats(ids))
         for bad, what in ((old, "already has a semantic ID"), (dup_inside, "is duplicated in the new items")):
             if len(bad):
                 row = int(bad[0])
@@ -304,36 +314,25 @@ def _ids_of(uris: list[str], storage: StorageConfig | None) -> np.ndarray:
     return np.concatenate([io.read_parquet(u, storage, ["item_id"]).column("item_id").to_numpy() for u in uris])
 
 
-def _iter_ids(uri: str, storage: StorageConfig | None):
-    """``(file, first row, item_ids)`` batches of the new items (only the id column is read)."""
+def _iter_ids(uri: str, storage: StorageConfig | None, vectors: bool = False):
+    """``(file, first row, item_ids)`` batches of the new items (only the id column is read).
+
+    New items need ``item_id`` and ``text`` (or, with precomputed embeddings, an ``embedding``).
+    """
     for file_uri in io.parquet_files(uri, storage):
         schema = io.parquet_schema(file_uri, storage)
+        if vectors:
+            precomputed.expected_dim(file_uri, storage)  # checks item_id and embedding
+            continue
         for name, ok in (("item_id", pa.types.is_integer), ("text", _is_string)):
             if name not in schema.names or not ok(schema.field(name).type):
                 raise DataError(f"{file_uri}: field '{name}' is missing or not "
                                 f"{'an integer' if name == 'item_id' else 'a string'} (columns: {schema.names})")
-    row, current = 0, None
-    for file_uri, batch in io.iter_parquet(uri, storage, ["item_id"]):
-        if file_uri != current:
-            row, current = 0, file_uri
-        if batch.column(0).null_count:
-            null_row = int(np.flatnonzero(batch.column(0).is_null().to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"{file_uri}: row {row + null_row}: field 'item_id' is null")
-        ids = batch.column(0).to_numpy().astype(np.int64)
-        yield file_uri, row, ids
-        row += len(ids)
+    yield from iter_item_ids(uri, storage)
 
 
 def _is_string(type_: pa.DataType) -> bool:
     return pa.types.is_string(type_) or pa.types.is_large_string(type_)
-
-
-def _dups_within(ids: np.ndarray) -> np.ndarray:
-    """Mask of entries equal to an earlier entry of ``ids``."""
-    _, first = np.unique(ids, return_index=True)
-    mask = np.ones(len(ids), bool)
-    mask[first] = False
-    return mask
 
 
 def _current_added_shards(paths: RunPaths, t: TokenizeConfig, storage: StorageConfig | None) -> list[str]:
@@ -377,6 +376,8 @@ def _check_dim(dim: int, t: TokenizeConfig) -> None:
 
 
 def _encoder_identity(t: TokenizeConfig) -> dict[str, str]:
+    if t.embeddings:
+        return precomputed.identity(t.embeddings)
     return {"encoder": t.encoder, "dtype": t.encoder_dtype}
 
 
