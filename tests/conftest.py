@@ -58,6 +58,44 @@ def beauty_dataset(beauty_raw: Path, tmp_path_factory) -> str:
     return out
 
 
+def encode_texts(texts: list[str]):
+    """MiniLM vectors of ``texts`` with the bundled encoder (bf16, this process's threads)."""
+    import torch
+
+    from rpg_dist.tokenizer import embed
+
+    model = embed.load_encoder("bundled", "bfloat16", "cpu", threads=torch.get_num_threads())
+    return embed.embed_texts(model, texts, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def beauty_slice(beauty_dataset):
+    """The first 3,000 Beauty items (their MiniLM vectors) and the sequences restricted to them.
+
+    Returns ``(item_ids, vectors (3000, 384) float32, sequences table)``; users left with fewer than
+    3 items are dropped.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from rpg_dist.data import dataset
+
+    items = dataset.read_items(beauty_dataset)
+    ids = np.sort(items.column("item_id").to_numpy())[:3000]
+    items = items.filter(pc.is_in(items.column("item_id"), value_set=pa.array(ids)))
+    vectors = encode_texts(items.column("text").to_pylist())
+    sequences = dataset.read_sequences(beauty_dataset)
+    flat = sequences.column("item_ids").combine_chunks()
+    offsets, values = flat.offsets.to_numpy(), flat.flatten().to_numpy()
+    keep = np.isin(values, ids)
+    counts = np.add.reduceat(keep, offsets[:-1]) if len(values) else np.zeros(0, np.int64)
+    lists = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()),
+                                     pa.array(values[keep], pa.int64()))
+    kept = pa.table({"user_id": sequences.column("user_id"), "item_ids": lists}).filter(pa.array(counts >= 3))
+    return items.column("item_id").to_numpy(), vectors, kept
+
+
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory) -> str:
     """A small synthetic dataset (600 items, 400 users), shared read-only by tests."""

@@ -46,3 +46,25 @@ def test_large_blocks_use_the_group_floor_and_stay_exact():
     for lo in range(0, 20_000, 8192):
         top.add(scores[lo : lo + 8192].copy(), rows[lo : lo + 8192])
     assert np.array_equal(top.keys(), sorted_keys_twin(scores, rows, np.array([5, 14, -1]), 50))
+
+
+@settings(max_examples=100, deadline=None)
+@given(n_items=st.integers(1, 300), n_queries=st.integers(1, 5), k=st.integers(1, 40), n_blocks=st.integers(1, 6),
+       spill=st.integers(2, 4), seed=st.integers(0, 2**31 - 1))
+def test_distinct_mode_keeps_each_item_once_across_overlapping_blocks(n_items, n_queries, k, n_blocks, spill, seed):
+    """Blocks offer overlapping item sets to subsets of the queries (as token blocks do)."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, 30, (n_items, n_queries)) * 0.5).astype(np.float32)  # one score per pair
+    rows = rng.permutation(5 * n_items)[:n_items].astype(np.int64)
+    query_rows = rng.choice(rows, n_queries).astype(np.int64)
+    top = RunningTopK(query_rows, k, spill=spill, distinct=True)
+    seen = np.zeros((n_items, n_queries), bool)
+    for _ in range(n_blocks):
+        items = np.sort(rng.choice(n_items, int(rng.integers(1, n_items + 1)), replace=False))
+        queries = np.sort(rng.choice(n_queries, int(rng.integers(1, n_queries + 1)), replace=False))
+        top.add(scores[np.ix_(items, queries)].copy(), rows[items], queries)
+        seen[np.ix_(items, queries)] = True
+    for q in range(n_queries):
+        offered = np.flatnonzero(seen[:, q])
+        expected = sorted_keys_twin(scores[offered][:, [q]], rows[offered], query_rows[[q]], k)
+        assert np.array_equal(top.keys()[q], expected[0])

@@ -54,7 +54,7 @@ def test_overrides_are_typed(tmp_path):
         (["trainn.lr=1"], "<root> has no key 'trainn'"),
         (["train.lr=fast"], "train.lr: expected a number, got 'fast'"),
         (["train.epochs=2.5"], "train.epochs: expected an integer"),
-        (["graph.mode=fast"], "graph.mode: 'fast' is not one of ['exact', 'approx']"),
+        (["graph.mode=fast"], "graph.mode: 'fast' is not one of ['auto', 'exact', 'approx']"),
         (["train.use_gpu=maybe"], "train.use_gpu: expected true/false"),
         (["train.lr"], "expected KEY=VALUE"),
         (["train=1"], "train: expected a mapping"),

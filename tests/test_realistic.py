@@ -13,18 +13,16 @@ import torch
 from rpg_dist.data import dataset, realistic, synth
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import leave_one_out
-from rpg_dist.tokenizer import embed, opq
+from rpg_dist.tokenizer import opq
 from rpg_dist.tokenizer.config import TokenizeConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
-N_SAMPLE = 3000
+N_SAMPLE = 3000  # the size of conftest's beauty_slice
 TOKENIZE = TokenizeConfig(n_digit=16, pca_dim=64, opq_niter=8)
 
 
-def _encode(texts: list[str]) -> np.ndarray:
-    model = embed.load_encoder("bundled", "bfloat16", "cpu", threads=torch.get_num_threads())
-    return embed.embed_texts(model, texts, batch_size=32)
+from conftest import encode_texts as _encode
 
 
 def _codes(vectors: np.ndarray) -> np.ndarray:
@@ -35,24 +33,6 @@ def _statistics(vectors: np.ndarray) -> dict:
     x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     table = torch.randn(16, 256, 64, generator=torch.Generator().manual_seed(0)) * 0.02  # an untrained table
     return realistic.catalogue_statistics(x, _codes(x), table, sample=1000, ranks=(1, 10, 100))
-
-
-@pytest.fixture(scope="module")
-def beauty_sample(beauty_dataset):
-    """The first 3,000 Beauty items (their MiniLM vectors) and the sequences restricted to them."""
-    items = dataset.read_items(beauty_dataset)
-    ids = np.sort(items.column("item_id").to_numpy())[:N_SAMPLE]
-    items = items.filter(pa.compute.is_in(items.column("item_id"), value_set=pa.array(ids)))
-    vectors = _encode(items.column("text").to_pylist())
-    sequences = dataset.read_sequences(beauty_dataset)
-    flat = sequences.column("item_ids").combine_chunks()
-    offsets, values = flat.offsets.to_numpy(), flat.flatten().to_numpy()
-    keep = np.isin(values, ids)
-    counts = np.add.reduceat(keep, offsets[:-1]) if len(values) else np.zeros(0, np.int64)
-    lists = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()),
-                                     pa.array(values[keep], pa.int64()))
-    kept = pa.table({"user_id": sequences.column("user_id"), "item_ids": lists}).filter(pa.array(counts >= 3))
-    return items.column("item_id").to_numpy(), vectors, kept
 
 
 def realism_failures(real: dict, other: dict) -> list[str]:
@@ -72,8 +52,8 @@ def realism_failures(real: dict, other: dict) -> list[str]:
     return failures
 
 
-def test_generated_catalogue_matches_the_real_one(beauty_sample):
-    item_ids, vectors, sequences = beauty_sample
+def test_generated_catalogue_matches_the_real_one(beauty_slice):
+    item_ids, vectors, sequences = beauty_slice
     split = leave_one_out(sequences, max_len=50)
     lengths = np.diff(sequences.column("item_ids").combine_chunks().offsets.to_numpy())
     model = realistic.fit(vectors, item_ids, split.train, lengths, seed=0)
@@ -87,8 +67,8 @@ def test_generated_catalogue_matches_the_real_one(beauty_sample):
     assert len(realism_failures(real, control)) >= 2
 
 
-def test_generated_users_and_items_are_well_formed(beauty_sample, tmp_path):
-    item_ids, vectors, sequences = beauty_sample
+def test_generated_users_and_items_are_well_formed(beauty_slice, tmp_path):
+    item_ids, vectors, sequences = beauty_slice
     split = leave_one_out(sequences, max_len=50)
     lengths = np.diff(sequences.column("item_ids").combine_chunks().offsets.to_numpy())
     model = realistic.fit(vectors, item_ids, split.train, lengths, seed=0)

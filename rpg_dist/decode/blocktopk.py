@@ -9,11 +9,12 @@ Why a kernel: per block, ``torch.topk`` costs ~9 ns per (item, query) pair on th
 the lookups that produce the scores. Here most pairs cost two comparisons:
 
 1. the maximum of each group of ``GROUP`` consecutive items, per query (vectorised over queries);
-2. a floor per query that no final top-k member can fall below: the larger of the current k-th
-   best score and the k-th largest of (coarser) group maxima in this block -- k groups each hold
-   an item at or above it, so anything lower is not even in this block's top k;
+2. a floor per query that no final top-k member can fall below: the current k-th best score, or,
+   while fewer than k are kept, the k-th largest of (coarser) group maxima in this block -- k groups
+   each hold an item at or above it, so anything lower is not even in this block's top k;
 3. only groups whose maximum reaches the floor are opened; their items at or above it are keyed
-   and appended to a per-query buffer that is cut back to the best k by quickselect when full.
+   and buffered per query; a full buffer (and, at the end of a block, any non-empty one) is sorted
+   and merged into the query's list, which is kept sorted (dropping repeats when items may repeat).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _group_maxima(scores, group):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _floors(gmax, best, k):
+def _floors(gmax, best, slots, k):
     """Per query: the score no final top-k member can be below (see the module docstring)."""
     n_groups, n_queries = gmax.shape
     floor = np.empty(n_queries, np.float32)
@@ -95,44 +96,46 @@ def _floors(gmax, best, k):
     n_coarse = (n_groups + step - 1) // step
     coarse = _group_maxima(gmax, step).T.copy() if n_coarse >= k else np.empty((0, 0), np.float32)
     for q in range(n_queries):
-        worst = best[q, 0]
-        for j in range(1, k):
-            worst = min(worst, best[q, j])
+        worst = best[slots[q], k - 1]  # rows are kept sorted, best first
         floor[q] = -np.inf if worst == MIN_KEY else _key_score(worst)
-        if n_coarse >= k:
+        # Only while the query's list is not full: afterwards its k-th best, the k-th of everything
+        # offered so far, is a tighter floor than a single block's coarse maxima give.
+        if worst == MIN_KEY and n_coarse >= k:
             floor[q] = max(floor[q], _kth_largest(coarse[q], n_coarse, k))
     return floor
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _keep_best(keys, n, k):
-    """Move the k largest of keys[:n] to keys[:k] (any order); quickselect on int64 keys."""
-    lo, hi, target = 0, n - 1, k - 1
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        x, y, z = keys[lo], keys[mid], keys[hi]
-        pivot = max(min(x, y), min(max(x, y), z))
-        i, j = lo, hi
-        while i <= j:
-            while keys[i] > pivot:
-                i += 1
-            while keys[j] < pivot:
-                j -= 1
-            if i <= j:
-                keys[i], keys[j] = keys[j], keys[i]
-                i += 1
-                j -= 1
-        if target <= j:
-            hi = j
-        elif target >= i:
-            lo = i
+def _absorb(best_row, spill_row, n, scratch, distinct):
+    """best_row (sorted descending, MIN_KEY padded) := the k best of itself and spill_row[:n].
+
+    One sort of the n new keys, then a linear merge (dropping repeats when ``distinct``). Returns
+    the new k-th key (MIN_KEY while fewer than k are kept).
+    """
+    k = len(best_row)
+    new = np.sort(spill_row[:n])[::-1]
+    i = j = kept = 0
+    while kept < k and (i < k or j < n):
+        if j >= n or (i < k and best_row[i] >= new[j]):
+            key = best_row[i]
+            i += 1
         else:
+            key = new[j]
+            j += 1
+        if key == MIN_KEY:
             break
+        if distinct and kept and key == scratch[kept - 1]:
+            continue
+        scratch[kept] = key
+        kept += 1
+    best_row[:kept] = scratch[:kept]
+    best_row[kept:] = MIN_KEY
+    return best_row[k - 1]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _merge(scores, item_rows, query_rows, best, spill):
-    """Merge a (C, Q) block into ``best`` (Q, k); ``spill`` is (Q, cap) scratch, cap > k."""
+def _merge(scores, item_rows, query_rows, slots, best, spill, distinct):
+    """Merge a (C, Q) block into the rows ``slots`` of ``best``; ``spill`` is (>= Q, cap) scratch."""
     n_items, n_queries = scores.shape
     k, cap = best.shape[1], spill.shape[1]
     # A query's own item must not count towards any maximum (it would lift the floor above the rest).
@@ -141,9 +144,10 @@ def _merge(scores, item_rows, query_rows, best, spill):
             if item_rows[r] == query_rows[q]:
                 scores[r, q] = -np.inf
     gmax = _group_maxima(scores, GROUP)
-    floor = _floors(gmax, best, k)
-    fill = np.full(n_queries, k, np.int64)
-    spill[:, :k] = best
+    floor = _floors(gmax, best, slots, k)
+    # Only keys that beat the floor are buffered; a query's list is touched only if some did.
+    fill = np.zeros(n_queries, np.int64)
+    scratch = np.empty(k, np.int64)
     for g in range(gmax.shape[0]):
         lo = g * GROUP
         hi = min(lo + GROUP, n_items)
@@ -154,21 +158,16 @@ def _merge(scores, item_rows, query_rows, best, spill):
                 score = scores[r, q]
                 if score < floor[q] or score == -np.inf:
                     continue
-                n = fill[q]
-                spill[q, n] = _key(score, item_rows[r])
-                n += 1
-                if n == cap:
-                    _keep_best(spill[q], n, k)
-                    worst = spill[q, 0]
-                    for j in range(1, k):
-                        worst = min(worst, spill[q, j])
-                    floor[q] = max(floor[q], _key_score(worst))
-                    n = k
-                fill[q] = n
+                spill[q, fill[q]] = _key(score, item_rows[r])
+                fill[q] += 1
+                if fill[q] == cap:
+                    worst = _absorb(best[slots[q]], spill[q], cap, scratch, distinct)
+                    fill[q] = 0
+                    if worst != MIN_KEY:
+                        floor[q] = max(floor[q], _key_score(worst))
     for q in range(n_queries):
-        if fill[q] > k:
-            _keep_best(spill[q], fill[q], k)
-        best[q] = spill[q, :k]
+        if fill[q]:
+            _absorb(best[slots[q]], spill[q], fill[q], scratch, distinct)
 
 
 class RunningTopK:
@@ -177,23 +176,33 @@ class RunningTopK:
     Args:
         query_rows: (Q,) int64 item row of each query (its own item is never kept), or -1 for none.
         k: entries kept per query.
-        spill: per-query buffer in multiples of k before a cut back to k (>= 2).
+        spill: keys buffered per query, in multiples of k, before they are merged into its list.
+        distinct: the same item may be offered more than once (several blocks): keep it once.
     """
 
-    def __init__(self, query_rows: np.ndarray, k: int, spill: int = 4) -> None:
+    def __init__(self, query_rows: np.ndarray, k: int, spill: int = 4, distinct: bool = False) -> None:
         self.query_rows = np.ascontiguousarray(query_rows, np.int64)
         self.best = np.full((len(self.query_rows), k), MIN_KEY, np.int64)
-        self._spill = np.empty((len(self.query_rows), max(2, spill) * k + 1), np.int64)
+        self.distinct = distinct
+        self._cap = max(1, spill) * k
+        self._spill = np.empty((0, self._cap), np.int64)
 
-    def add(self, scores: np.ndarray, item_rows: np.ndarray) -> None:
-        """Offer a block: scores (C, Q) float32 of items ``item_rows`` (C,) for every query.
+    def add(self, scores: np.ndarray, item_rows: np.ndarray, queries: np.ndarray | None = None) -> None:
+        """Offer a block: scores (C, q) float32 of items ``item_rows`` (C,) for queries ``queries``.
+
+        Args:
+            queries: (q,) positions among this accumulator's queries (default: all of them).
 
         ``scores`` is overwritten (-inf at each query's own item); -inf scores are never kept.
         """
-        if len(item_rows):
-            _merge(np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(item_rows, np.int64),
-                   self.query_rows, self.best, self._spill)
+        slots = np.arange(len(self.query_rows)) if queries is None else np.ascontiguousarray(queries, np.int64)
+        if not len(item_rows) or not len(slots):
+            return
+        if len(self._spill) < len(slots):
+            self._spill = np.empty((len(slots), self._cap), np.int64)
+        _merge(np.ascontiguousarray(scores, np.float32), np.ascontiguousarray(item_rows, np.int64),
+               self.query_rows[slots], slots, self.best, self._spill, self.distinct)
 
     def keys(self) -> np.ndarray:
         """(Q, k) int64 keys, best first; ``MIN_KEY`` where fewer than k items were offered."""
-        return np.sort(self.best, axis=1)[:, ::-1].copy()
+        return self.best.copy()

@@ -25,8 +25,13 @@ from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import cross_fraction, kmeans_partition, refine_partition
 from rpg_dist.graph.similarity import digit_similarity_tables
+from rpg_dist.graph.token_blocks import pairs_per_item, plan_token_blocks, token_block_neighbors
 
 log = logging.getLogger(__name__)
+
+# token_blocks tasks hold this many blocks of block_size query rows (64 x 1024 = 65,536 at the
+# defaults: ~256 queries per token group of 256, so each group's block is shared by 4 sub-blocks of 64).
+TOKEN_TASK_BLOCKS = 64
 
 
 @dataclass
@@ -61,6 +66,12 @@ class GraphWorker:
 
             faiss.omp_set_num_threads(threads)
             self.index = faiss.deserialize_index(self.approx["index"])
+
+    def token_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """token_blocks: neighbours of rows [lo, hi) over their shared-token blocks."""
+        rows = np.arange(lo, hi)
+        found = token_block_neighbors(self.tables, self.codes, self.approx["blocks"], rows, self.n_edges)
+        return rows, found.to(torch.int32).numpy()
 
     def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours of rows [lo, hi): (rows, (hi-lo, k) int32), exact or via the faiss index."""
@@ -105,7 +116,8 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     codes16 = codes.to(torch.int16).contiguous()  # (N, m)
     approx = None
     approx_info = {}
-    if cfg.mode == "approx":
+    mode = cfg.resolved_mode(n_items)
+    if mode == "approx":
         approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
         timings["approx_index_s"] = time.perf_counter() - clock
         approx_info = _describe(approx, cfg)
@@ -116,7 +128,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         neighbors = _collect(workers.run(_tasks(n_items, cfg.block_size, approx)), n_items, n_edges)
         timings["neighbors_s"] = time.perf_counter() - clock
         stats = {}
-        if cfg.mode == "approx" and cfg.recall_sample:
+        if mode == "approx" and cfg.recall_sample:
             clock = time.perf_counter()
             stats = _recall(workers, neighbors, cfg.recall_sample, seed)
             timings["recall_s"] = time.perf_counter() - clock
@@ -128,7 +140,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     info = {
         "n_items": n_items,
         "n_edges": n_edges,
-        "mode": cfg.mode,
+        "mode": mode,
         "workers": "in-process threads" if local else f"{cfg.num_actors} Ray actors",
         "n_partitions": int(partition.max()) + 1 if n_items else 0,
         "partition_method": method,
@@ -141,8 +153,12 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
 
 
 def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, seed: int) -> dict[str, Any]:
-    """Fit the reduction and the lists or index once, in the driver; workers get copies."""
+    """Plan the blocks, or fit the reduction and the lists or index, once in the driver; workers get copies."""
     import faiss
+
+    if cfg.approx_method == "token_blocks":
+        blocks = plan_token_blocks(token_embeddings, codes, cfg.approx_digits, cfg.approx_token_groups, seed)
+        return {"method": "token_blocks", "blocks": blocks}
 
     reducer = ItemReducer(token_embeddings, codes, cfg.approx_dim, cfg.approx_fit_sample, seed, cfg.approx_projection)
     train_size = min(cfg.approx_train_size, codes.shape[0])
@@ -159,6 +175,11 @@ def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, see
 
 def _describe(approx: dict[str, Any], cfg: GraphConfig) -> dict[str, Any]:
     """What the manifest says about the approximate method actually used."""
+    if approx["method"] == "token_blocks":
+        blocks = approx["blocks"]
+        return {"approx_method": "token_blocks", "approx_digits": int(len(blocks.digits)),
+                "approx_token_groups": int(blocks.offsets.shape[1] - 1),
+                "candidates_per_item_mean": pairs_per_item(blocks)}
     out = {"approx_method": approx["method"], "approx_projection": cfg.approx_projection, "approx_dim": cfg.approx_dim}
     if approx["method"] == "ivf_blocks":
         plan = approx["plan"]
@@ -229,6 +250,10 @@ class _RayWorkers:
 
 def _tasks(n_items: int, block_size: int, approx) -> list[tuple[str, tuple]]:
     """(method name, arguments) per task: row ranges, or groups of whole IVF lists of ~block_size items."""
+    if approx is not None and approx["method"] == "token_blocks":
+        # Large tasks: each token group then holds enough of the task's queries to share a block.
+        size = block_size * TOKEN_TASK_BLOCKS
+        return [("token_rows", (lo, min(lo + size, n_items))) for lo in range(0, n_items, size)]
     if approx is None or approx["method"] == "faiss_index":
         return [("block", (lo, min(lo + block_size, n_items))) for lo in range(0, n_items, block_size)]
     sizes = np.diff(approx["plan"].offsets)

@@ -10,9 +10,10 @@ from rpg_dist.errors import ConfigError
 
 @dataclass(kw_only=True)
 class GraphConfig:
-    # exact: blockwise brute force with a streaming top-k (O(N^2 m) lookups: fine to ~100k items);
-    # approx: a faiss index over reduced item vectors, candidates reranked exactly.
-    mode: Literal["exact", "approx"] = "exact"
+    # exact: every pair, blockwise with a running top-k (O(N^2) pairs at ~1-2.5 ns each);
+    # approx: candidates from approx_method, scored exactly; auto: exact up to exact_max_items.
+    mode: Literal["auto", "exact", "approx"] = "auto"
+    exact_max_items: int = 200_000
     n_edges: int = 200
     # Query items per task sent to a worker (ivf_blocks: items of whole lists, about this many);
     # memory per worker is O(64 x item_chunk + block_size x n_edges).
@@ -29,10 +30,17 @@ class GraphConfig:
     num_cpus_per_actor: float = 0.5
     # torch/faiss threads per actor (the cores it may really use).
     threads_per_actor: int = 1
-    # How approximate mode finds candidates (see rpg_dist/graph/approx.py): ivf_blocks scores each
-    # k-means list's items against the items of its nprobe nearest lists; faiss_index searches any
-    # faiss index per item and reranks its candidates. Both score candidates exactly.
-    approx_method: Literal["ivf_blocks", "faiss_index"] = "ivf_blocks"
+    # How approximate mode finds candidates, all scored exactly. token_blocks (graph/token_blocks.py):
+    # every item against the items sharing a token (group) with it at some digit -- holds on real
+    # codes, whose neighbours share few digits and cluster nowhere. ivf_blocks / faiss_index
+    # (graph/approx.py): k-means lists or any faiss index over reduced item vectors -- fast, but only
+    # for codes that cluster cleanly (synthetic taxonomies); on real codes their recall is ~0.4.
+    approx_method: Literal["token_blocks", "ivf_blocks", "faiss_index"] = "token_blocks"
+    # token_blocks: digits whose blocks are used (0: all m) and token groups per digit (256: exact
+    # tokens; fewer groups of similar tokens also reach neighbours that share no token). Cost is
+    # about approx_digits / approx_token_groups x N^2 pairs.
+    approx_digits: int = 0
+    approx_token_groups: int = 256
     # Reduction of the concatenated item vectors: gaussian (random projection) or pca (of a sample).
     approx_projection: Literal["gaussian", "pca"] = "gaussian"
     # D of the reduced item vectors (the full m*d vectors never exist).
@@ -60,7 +68,7 @@ class GraphConfig:
     def __post_init__(self) -> None:
         for name in ("n_edges", "block_size", "item_chunk", "num_actors", "threads_per_actor",
                      "n_partitions", "approx_dim", "approx_nprobe", "approx_fit_sample", "approx_train_size",
-                     "partition_dim"):
+                     "partition_dim", "approx_token_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.num_cpus_per_actor <= 0:
@@ -70,6 +78,13 @@ class GraphConfig:
                 f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
                 "the rerank needs at least n_edges candidates"
             )
-        for name in ("recall_sample", "refine_rounds", "approx_nlist", "local_max_items", "local_threads"):
+        for name in ("recall_sample", "refine_rounds", "approx_nlist", "local_max_items", "local_threads",
+                     "exact_max_items", "approx_digits"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
+
+    def resolved_mode(self, n_items: int) -> str:
+        """"exact" or "approx" for a catalogue of ``n_items`` ("auto" decides by exact_max_items)."""
+        if self.mode != "auto":
+            return self.mode
+        return "exact" if n_items <= self.exact_max_items else "approx"

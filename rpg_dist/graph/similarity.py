@@ -18,8 +18,10 @@ identical neighbour lists.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 
 
 def digit_similarity_tables(token_embeddings: torch.Tensor) -> torch.Tensor:
@@ -35,10 +37,23 @@ def offset_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
 
 
 def query_tables(tables: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:
-    """(m*V, Q) float32: row k*V + j holds T_k[a_k, j] for each query item a (codes (Q, m))."""
+    """(m*V, Q) float32: row k*V + j holds T_k[a_k, j] = T_k[j, a_k] for each query item a (codes (Q, m))."""
+    return torch.from_numpy(_query_tables(tables.numpy(), query_codes.numpy().astype(np.int64)))
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _query_tables(tables, query_codes):
+    # Row j of T_k (1 KB, in L1) gathered at the queries' tokens: contiguous writes of Q floats;
+    # twice as fast as a torch gather + transpose (the tables are symmetric).
     n_digit, vocab, _ = tables.shape
-    rows = tables[torch.arange(n_digit).unsqueeze(1), query_codes.t().long()]  # (m, Q, V)
-    return rows.transpose(1, 2).reshape(n_digit * vocab, -1).contiguous()
+    n_queries = query_codes.shape[0]
+    out = np.empty((n_digit * vocab, n_queries), np.float32)
+    for k in range(n_digit):
+        for j in range(vocab):
+            row, dst = tables[k, j], out[k * vocab + j]
+            for q in range(n_queries):
+                dst[q] = row[query_codes[q, k]]
+    return out
 
 
 def block_sums(luts: torch.Tensor, item_offset_codes: torch.Tensor) -> torch.Tensor:

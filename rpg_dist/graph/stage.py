@@ -64,7 +64,8 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
         )
     if codes.shape[0] > cfg.graph.local_max_items:
         init_ray(cfg.ray)
-    log.info("graph: %d items, mode %s, %d edges", codes.shape[0], cfg.graph.mode, cfg.graph.n_edges)
+    log.info("graph: %d items, mode %s, %d edges", codes.shape[0], cfg.graph.resolved_mode(codes.shape[0]),
+             cfg.graph.n_edges)
     built = build_item_graph(token_embeddings, codes, cfg.graph, seed=cfg.seed)
     write_started = time.perf_counter()
     manifest = {
@@ -75,7 +76,7 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
         "config": configlib.to_dict(cfg.graph),
         "fingerprint": configlib.fingerprint(cfg.graph),
     }
-    stats = {"mode": cfg.graph.mode, **built.stats, **_degree_stats(built.neighbors)}
+    stats = {"mode": built.info["mode"], **built.stats, **_degree_stats(built.neighbors)}
     manifest["timings_s"]["total_s"] = time.perf_counter() - started
     manifest = write_graph(cfg.run_dir, semantic_ids.index, built.neighbors, built.partition, manifest, stats, cfg.storage)
     log.info("graph: written in %.1fs, cross-partition edges %.3f",
