@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -89,6 +90,61 @@ def formulations(n_digit: int = 32, dim: int = 448, queries: int = 64, items: in
     return out
 
 
+def reference_dense(table: torch.Tensor, codes: torch.Tensor, n_edges: int, chunk: int = 1024) -> torch.Tensor:
+    """The reference code's build_ii_sim_mat + build_adjacency_list: the dense (N, N) similarity,
+    chunk by chunk with per-digit index_select gathers, then one torch.topk (self included, as there)."""
+    tables = digit_similarity_tables(table)
+    n_items, n_digit = codes.shape
+    codes = codes.long()
+    sims = torch.zeros(n_items, n_items)
+    for lo in range(0, n_items, chunk):
+        for c_lo in range(0, n_items, chunk):
+            rows, cols = codes[lo : lo + chunk], codes[c_lo : c_lo + chunk]
+            block = torch.zeros(len(rows), len(cols))
+            for k in range(n_digit):
+                block += tables[k].index_select(0, rows[:, k]).index_select(1, cols[:, k])
+            sims[lo : lo + chunk, c_lo : c_lo + chunk] = block / n_digit
+    return torch.topk(sims, n_edges, dim=-1).indices
+
+
+def small(args) -> dict:
+    """In-process exact build beside the reference code's dense formulation, same codes and table."""
+    codes, table = load_inputs(args)
+    cfg = graph_config(args)
+    out = {"items": int(codes.shape[0]), "threads": torch.get_num_threads()}
+    seconds, built = timed(lambda: build_item_graph(table, codes, cfg, seed=0), args.repeats)
+    out["builder_s"] = seconds
+    out["builder_workers"] = built.info["workers"]
+    out["builder_neighbors_s"] = built.info["timings_s"]["neighbors_s"]
+    seconds, dense = timed(lambda: reference_dense(table, codes, args.n_edges + 1), 1)
+    out["reference_dense_s"] = seconds
+    # The reference lists include the item itself first; drop it before comparing.
+    same = np.mean([len(set(d[1:].tolist()) & set(b.tolist())) / args.n_edges
+                    for d, b in zip(dense.numpy(), built.neighbors)])
+    out["overlap_with_reference"] = float(same)
+    out["builder_vs_reference"] = out["reference_dense_s"] / out["builder_s"]
+    return out
+
+
+def load_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, m), token table) from --semantic-ids / --run-dir, or synthetic ones."""
+    if args.semantic_ids:
+        from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+
+        codes = torch.from_numpy(load_semantic_ids(args.semantic_ids).codes)
+        args.items, args.digits, args.codes = codes.shape[0], codes.shape[1], args.semantic_ids
+    else:
+        codes = make_codes(args.codes, args.items, args.digits, seed=0)
+    if args.run_dir:
+        from rpg_dist.graph.stage import load_token_embeddings
+
+        table = load_token_embeddings(args.run_dir)
+        args.dim = table.shape[2]
+    else:
+        table = random_token_table(args.digits, 256, args.dim, seed=0)
+    return codes, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=12_101)
@@ -104,10 +160,16 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="GraphConfig override, e.g. --set approx_index=IVF4096,Flat (repeatable)")
     parser.add_argument("--formulations", action="store_true", help="only compare similarity formulations")
+    parser.add_argument("--small", action="store_true",
+                        help="in-process exact build beside the reference code's dense formulation")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    result = formulations(args.digits, args.dim) if args.formulations else run(args)
+    if args.formulations:
+        result = formulations(args.digits, args.dim)
+    else:
+        result = small(args) if args.small else run(args)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -130,20 +192,7 @@ def run(args) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with PeakMemory() as memory:
         clock = time.perf_counter()
-        if args.semantic_ids:
-            from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
-
-            codes = torch.from_numpy(load_semantic_ids(args.semantic_ids).codes)
-            args.items, args.digits, args.codes = codes.shape[0], codes.shape[1], args.semantic_ids
-        else:
-            codes = make_codes(args.codes, args.items, args.digits, seed=0)
-        if args.run_dir:
-            from rpg_dist.graph.stage import load_token_embeddings
-
-            table = load_token_embeddings(args.run_dir)
-            args.dim = table.shape[2]
-        else:
-            table = random_token_table(args.digits, 256, args.dim, seed=0)
+        codes, table = load_inputs(args)
         data_s = time.perf_counter() - clock
         # Logical CPUs above the 2 cores: fractional actors never starve the driver.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -109,19 +109,19 @@ def _floors(gmax, best, slots, k):
 def _absorb(best_row, spill_row, n, scratch, distinct):
     """best_row (sorted descending, MIN_KEY padded) := the k best of itself and spill_row[:n].
 
-    One sort of the n new keys, then a linear merge (dropping repeats when ``distinct``). Returns
-    the new k-th key (MIN_KEY while fewer than k are kept).
+    One in-place sort of the n new keys, then a linear merge (dropping repeats when ``distinct``).
+    Returns the new k-th key (MIN_KEY while fewer than k are kept).
     """
     k = len(best_row)
-    new = np.sort(spill_row[:n])[::-1]
-    i = j = kept = 0
-    while kept < k and (i < k or j < n):
-        if j >= n or (i < k and best_row[i] >= new[j]):
+    spill_row[:n].sort()  # ascending: read from the end
+    i, j, kept = 0, n - 1, 0
+    while kept < k and (i < k or j >= 0):
+        if j < 0 or (i < k and best_row[i] >= spill_row[j]):
             key = best_row[i]
             i += 1
         else:
-            key = new[j]
-            j += 1
+            key = spill_row[j]
+            j -= 1
         if key == MIN_KEY:
             break
         if distinct and kept and key == scratch[kept - 1]:
@@ -134,15 +134,32 @@ def _absorb(best_row, spill_row, n, scratch, distinct):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def _exclude_self(scores, item_rows, query_rows):
+    """-inf where a query meets its own item: a binary search per query when rows are sorted."""
+    n_items, n_queries = scores.shape
+    ascending = True
+    for r in range(1, n_items):
+        if item_rows[r] <= item_rows[r - 1]:
+            ascending = False
+            break
+    for q in range(n_queries):
+        if ascending:
+            r = np.searchsorted(item_rows, query_rows[q])
+            if r < n_items and item_rows[r] == query_rows[q]:
+                scores[r, q] = -np.inf
+        else:
+            for r in range(n_items):
+                if item_rows[r] == query_rows[q]:
+                    scores[r, q] = -np.inf
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
 def _merge(scores, item_rows, query_rows, slots, best, spill, distinct):
     """Merge a (C, Q) block into the rows ``slots`` of ``best``; ``spill`` is (>= Q, cap) scratch."""
     n_items, n_queries = scores.shape
     k, cap = best.shape[1], spill.shape[1]
     # A query's own item must not count towards any maximum (it would lift the floor above the rest).
-    for r in range(n_items):
-        for q in range(n_queries):
-            if item_rows[r] == query_rows[q]:
-                scores[r, q] = -np.inf
+    _exclude_self(scores, item_rows, query_rows)
     gmax = _group_maxima(scores, GROUP)
     floor = _floors(gmax, best, slots, k)
     # Only keys that beat the floor are buffered; a query's list is touched only if some did.
@@ -154,17 +171,19 @@ def _merge(scores, item_rows, query_rows, slots, best, spill, distinct):
         for q in range(n_queries):
             if gmax[g, q] < floor[q]:
                 continue
+            if fill[q] + GROUP > cap:
+                worst = _absorb(best[slots[q]], spill[q], fill[q], scratch, distinct)
+                fill[q] = 0
+                if worst != MIN_KEY:
+                    floor[q] = max(floor[q], _key_score(worst))
+            # Branch-free: every item of the group is written, the slot advances only for those
+            # at or above the floor (-inf, the query itself, never is: the floor is finite or -inf).
+            n, threshold = fill[q], floor[q]
             for r in range(lo, hi):
                 score = scores[r, q]
-                if score < floor[q] or score == -np.inf:
-                    continue
-                spill[q, fill[q]] = _key(score, item_rows[r])
-                fill[q] += 1
-                if fill[q] == cap:
-                    worst = _absorb(best[slots[q]], spill[q], cap, scratch, distinct)
-                    fill[q] = 0
-                    if worst != MIN_KEY:
-                        floor[q] = max(floor[q], _key_score(worst))
+                spill[q, n] = _key(score, item_rows[r])
+                n += (score >= threshold) & (score != -np.inf)
+            fill[q] = n
     for q in range(n_queries):
         if fill[q]:
             _absorb(best[slots[q]], spill[q], fill[q], scratch, distinct)
@@ -184,7 +203,7 @@ class RunningTopK:
         self.query_rows = np.ascontiguousarray(query_rows, np.int64)
         self.best = np.full((len(self.query_rows), k), MIN_KEY, np.int64)
         self.distinct = distinct
-        self._cap = max(1, spill) * k
+        self._cap = max(1, spill) * k + GROUP
         self._spill = np.empty((0, self._cap), np.int64)
 
     def add(self, scores: np.ndarray, item_rows: np.ndarray, queries: np.ndarray | None = None) -> None:

@@ -25,7 +25,7 @@ from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import cross_fraction, kmeans_partition, refine_partition
 from rpg_dist.graph.similarity import digit_similarity_tables
-from rpg_dist.graph.token_blocks import pairs_per_item, plan_token_blocks, token_block_neighbors
+from rpg_dist.graph.token_blocks import default_groups, pairs_per_item, plan_token_blocks, token_block_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, see
     import faiss
 
     if cfg.approx_method == "token_blocks":
-        blocks = plan_token_blocks(token_embeddings, codes, cfg.approx_digits, cfg.approx_token_groups, seed)
+        n_digits = cfg.approx_digits or codes.shape[1]
+        groups = cfg.approx_token_groups or default_groups(codes.shape[0], n_digits, token_embeddings.shape[1], n_edges)
+        blocks = plan_token_blocks(token_embeddings, codes, n_digits, groups, seed)
         return {"method": "token_blocks", "blocks": blocks}
 
     reducer = ItemReducer(token_embeddings, codes, cfg.approx_dim, cfg.approx_fit_sample, seed, cfg.approx_projection)

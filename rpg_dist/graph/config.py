@@ -37,10 +37,11 @@ class GraphConfig:
     # for codes that cluster cleanly (synthetic taxonomies); on real codes their recall is ~0.4.
     approx_method: Literal["token_blocks", "ivf_blocks", "faiss_index"] = "token_blocks"
     # token_blocks: digits whose blocks are used (0: all m) and token groups per digit (256: exact
-    # tokens; fewer groups of similar tokens also reach neighbours that share no token). Cost is
-    # about approx_digits / approx_token_groups x N^2 pairs.
+    # tokens; fewer groups of similar tokens also reach neighbours that share no token; 0: the
+    # most groups, a power of two <= 256, that still offer each item >= 30 x n_edges candidates:
+    # 64 for Beauty, 256 from ~100k items). Cost is about approx_digits / groups x N^2 pairs.
     approx_digits: int = 0
-    approx_token_groups: int = 256
+    approx_token_groups: int = 0
     # Reduction of the concatenated item vectors: gaussian (random projection) or pca (of a sample).
     approx_projection: Literal["gaussian", "pca"] = "gaussian"
     # D of the reduced item vectors (the full m*d vectors never exist).
@@ -68,7 +69,7 @@ class GraphConfig:
     def __post_init__(self) -> None:
         for name in ("n_edges", "block_size", "item_chunk", "num_actors", "threads_per_actor",
                      "n_partitions", "approx_dim", "approx_nprobe", "approx_fit_sample", "approx_train_size",
-                     "partition_dim", "approx_token_groups"):
+                     "partition_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.num_cpus_per_actor <= 0:
@@ -79,7 +80,7 @@ class GraphConfig:
                 "the rerank needs at least n_edges candidates"
             )
         for name in ("recall_sample", "refine_rounds", "approx_nlist", "local_max_items", "local_threads",
-                     "exact_max_items", "approx_digits"):
+                     "exact_max_items", "approx_digits", "approx_token_groups"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
 

@@ -52,7 +52,7 @@ def plan_token_blocks(token_embeddings: torch.Tensor, codes: torch.Tensor, n_dig
         token_embeddings: (m, V, d) trained token table.
         codes: (N, m) item codes.
         n_digits: digits used (0: all).
-        n_groups: token groups per digit (V: each token its own group).
+        n_groups: token groups per digit (V: each token its own group; see ``default_groups``).
     """
     n_digit, vocab, _ = token_embeddings.shape
     used = n_digit if not n_digits else min(n_digits, n_digit)
@@ -65,6 +65,23 @@ def plan_token_blocks(token_embeddings: torch.Tensor, codes: torch.Tensor, n_dig
     offsets = np.stack([np.searchsorted(g, np.arange(groups + 1)) for g in ordered]).astype(np.int64)
     order = order.astype(np.int32)
     return TokenBlocks(digits=digits, token_group=token_group, order=order, offsets=offsets)
+
+
+# Candidates (with repeats) each item should be offered, in multiples of n_edges, when the number
+# of token groups is left to the builder: recall@200 on realistic catalogues was 0.97-0.99 at
+# 30-60x and 0.88 at 7.5x (BENCHMARKS.md).
+CANDIDATES_PER_EDGE = 30
+
+
+def default_groups(n_items: int, n_digits: int, vocab: int, n_edges: int) -> int:
+    """The most token groups (a power of two <= V) that offer each item >= 30 x n_edges candidates.
+
+    An item meets about n_digits x n_items / groups others in its blocks.
+    """
+    groups = vocab
+    while groups > 2 and n_digits * n_items / groups < CANDIDATES_PER_EDGE * n_edges:
+        groups //= 2
+    return groups
 
 
 def _group_tokens(tokens: torch.Tensor, n_groups: int, seed: int) -> np.ndarray:
