@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from twins import full_ranking_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpg_dist.decode.graph_decode import (
+    history_start_items,
     GraphDecoder,
     count_distinct,
     graph_decode_reference,
@@ -18,7 +20,6 @@ from rpg_dist.decode.graph_decode import (
 from rpg_dist.decode.scoring import (
     candidate_scores,
     full_ranking_topk,
-    full_ranking_topk_reference,
     item_scores,
     pair_scores,
 )
@@ -79,7 +80,7 @@ def test_full_ranking_blockwise_equals_twin(dyadic, block):
     log_probs = _log_probs(6, 4, 8, seed=3, dyadic=dyadic)
     codes = torch.randint(0, 8, (200, 4), dtype=torch.int16)
     rows, scores = full_ranking_topk(log_probs, codes, k=15, block_size=block)
-    ref_rows, ref_scores = full_ranking_topk_reference(log_probs, codes, k=15)
+    ref_rows, ref_scores = full_ranking_reference(log_probs, codes, k=15)
     assert torch.equal(rows, ref_rows)
     assert torch.equal(scores, ref_scores)
 
@@ -193,3 +194,17 @@ def test_code_layouts_and_visited_counters_equal_twin(monkeypatch, row_major, nu
     result = decoder.decode(log_probs, start)
     beams, visited = graph_decode_reference(log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps)
     assert result.items.tolist() == beams and result.n_visited.tolist() == visited
+
+
+def test_history_starts_are_the_history_then_its_neighbours_then_fallback():
+    neighbors = torch.tensor([[1, 2], [0, 3], [4, -1], [2, 0], [5, 6], [6, 4], [5, 4]])
+    items = torch.tensor([[3, 2, -1, -1], [6, 6, 6, -1], [0, -1, -1, -1]])
+    lengths = torch.tensor([2, 3, 1])
+    fallback = torch.tensor([6, 5, 1, 0])
+    got = history_start_items(items, lengths, neighbors, fallback, n_beams=4, n_recent=2)
+    # Row 0: newest first (2, 3), then neighbours of 2 (4), of 3 (2 again, 0).
+    # Row 1: 6 once, its neighbours (5, 4), then the fallback's first new item (1).
+    # Row 2: 0, its neighbours (1, 2), then the fallback (6).
+    assert got.tolist() == [[2, 3, 4, 0], [6, 5, 4, 1], [0, 1, 2, 6]]
+    with pytest.raises(ValueError, match="fewer than 9 distinct"):
+        history_start_items(items, lengths, neighbors, fallback, n_beams=9)

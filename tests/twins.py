@@ -31,3 +31,14 @@ def dense_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int) -> 
     out = np.full((n_items, n_edges), -1, np.int64)
     out[:, : order.shape[1]] = order
     return out
+
+
+def full_ranking_reference(log_probs: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every item scored by a loop over digits (mean of its tokens' log-probabilities), then a stable
+    descending sort: the lower row first among equal scores."""
+    total = log_probs[:, 0][:, codes[:, 0].long()]  # (B, N)
+    for d in range(1, codes.shape[1]):
+        total = total + log_probs[:, d][:, codes[:, d].long()]
+    scores = total / codes.shape[1]
+    order = torch.sort(scores + 0.0, dim=1, descending=True, stable=True).indices[:, :k]
+    return order, scores.gather(1, order)

@@ -14,8 +14,10 @@ class DecodeConfig:
     num_beams: int = 20
     # q: expansion steps over the graph.
     steps: int = 3
-    # How the b start items are chosen: uniformly at random (the paper) or the most popular items.
-    start: Literal["random", "popular"] = "random"
+    # How the b start items are chosen: uniformly at random (the paper), the most popular items, or
+    # from the user's history: its items, then the graph neighbours of its last items, then popular
+    # ones (not in the paper; for large catalogues, where random starts are far from any target).
+    start: Literal["random", "popular", "history"] = "random"
     seed: int = 0
     batch_size: int = 256
     # Decode through one Ray actor per graph partition instead of in this process.

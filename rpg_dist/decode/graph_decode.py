@@ -62,6 +62,47 @@ def popular_start_items(popularity: torch.Tensor, n_queries: int, n_beams: int) 
     return key_rows(top).unsqueeze(0).expand(n_queries, -1).clone()
 
 
+def history_start_items(items: torch.Tensor, lengths: torch.Tensor, neighbors: torch.Tensor,
+                        fallback: torch.Tensor, n_beams: int, n_recent: int = 3) -> torch.Tensor:
+    """Beams seeded where the user is: the history (most recent first), then the graph neighbours of
+    its ``n_recent`` last items (best first), then ``fallback`` items; the first ``n_beams`` distinct.
+
+    A deviation from the paper (random starts), for large catalogues: b random items of millions are
+    nowhere near a user's next item, and q expansion steps cannot walk there (BENCHMARKS.md).
+
+    Args:
+        items: (B, T) history item rows, right-padded with -1; lengths (B,).
+        neighbors: (N, k) graph lists (-1 padded).
+        fallback: (F,) distinct rows (e.g. the most popular items), F >= n_beams.
+
+    Returns:
+        (B, n_beams) distinct int64 rows per query.
+    """
+    batch, width = items.shape
+    position = torch.arange(width).unsqueeze(0)
+    # Newest first: column j holds the item j steps back (-1 past the history's start).
+    back = lengths.unsqueeze(1) - 1 - position  # (B, T)
+    recent = torch.where(back >= 0, items.gather(1, back.clamp(min=0)), torch.full_like(items, -1))
+    last = recent[:, :n_recent]  # (B, r)
+    near = torch.where((last >= 0).unsqueeze(2), neighbors[last.clamp(min=0)].long(), -1).reshape(batch, -1)
+    pool = torch.cat([recent, near, fallback.long().unsqueeze(0).expand(batch, -1)], dim=1)  # (B, L)
+    return first_distinct(pool, n_beams)
+
+
+def first_distinct(pool: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` distinct non-negative values of each row of ``pool`` (B, L), in order."""
+    order = torch.sort(pool, dim=1, stable=True).indices  # equal values: earliest position first
+    ordered = pool.gather(1, order)
+    repeat = torch.zeros_like(pool, dtype=torch.bool)
+    repeat.scatter_(1, order[:, 1:], ordered[:, 1:] == ordered[:, :-1])
+    valid = (pool >= 0) & ~repeat
+    rank = torch.where(valid, torch.arange(pool.shape[1]).unsqueeze(0), pool.shape[1])
+    chosen = torch.topk(rank, n, dim=1, largest=False, sorted=True).values  # positions, in order
+    if (chosen >= pool.shape[1]).any():
+        raise ValueError(f"fewer than {n} distinct start items in a row")
+    return pool.gather(1, chosen)
+
+
 class GraphDecoder:
     """Vectorised graph-constrained decoding over an in-memory graph.
 

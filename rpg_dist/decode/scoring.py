@@ -1,58 +1,78 @@
-"""Item scores from per-digit token log-probabilities, and blockwise full ranking.
+"""Item scores from per-digit token log-probabilities: the one scorer every caller uses.
 
 RPG scores item ``n`` for query ``b`` as ``mean_k log_probs[b, k, codes[n, k]]``: digits are
-independent, so an item's log-likelihood is a sum of ``m`` table lookups (no decoding tree).
+independent, so an item's log-likelihood is a sum of ``m`` table lookups (no decoding tree), like
+a PQ asymmetric distance. Laid out as one (m*V, B) table per batch of queries, the sums of C items
+are ``F.embedding_bag`` over their m offset codes (the graph kernel, ``graph.similarity``): each
+lookup reads B contiguous floats, ~1 ns per (query, item) pair on one core of this CPU.
 
-Every scorer here (all items, per-query candidate lists, flat (query, item) pairs) adds the digits
-in the same order, ``((lp_0 + lp_1) + lp_2) + ...``, in float32, then divides by ``m``. A given
-(query, item) therefore gets bit-identical scores from full ranking, graph decoding and sharded
-decoding, which is what lets their results be compared exactly (ties included).
+Every scorer here (blocks of items, per-query candidate lists, flat (query, item) pairs) adds the
+digits in the same order, ``((lp_0 + lp_1) + lp_2) + ...``, in float32, then divides by ``m``. A given
+(query, item) therefore gets bit-identical scores from full ranking, validation ranks, graph decoding
+and sharded decoding, which is what lets their results be compared exactly (ties included).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from rpg_dist.decode.topk import key_rows, key_scores, merge_topk, ranking_keys
+from rpg_dist.decode.blocktopk import RunningTopK
+from rpg_dist.decode.topk import key_rows, key_scores, ranking_keys
 
-# Upper bound on scores (B x items) held at once while ranking a block.
-_SCORE_BUDGET = 1 << 24
+# Queries per lookup table: (m*V, 64) float32 is 2 MB at m = 32, V = 256 and stays in cache.
+QUERY_BLOCK = 64
+# Upper bound on scores (items x queries) held at once.
+_SCORE_BUDGET = 1 << 22
+
+
+def offset_codes(codes: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(C, m) codes -> (C, m) int32 rows of a stacked (m*V, .) table: digit k's token j is k*V + j."""
+    n_digit = codes.shape[1]
+    return codes.to(torch.int32) + torch.arange(0, n_digit * vocab, vocab, dtype=torch.int32, device=codes.device)
+
+
+def lookup_tables(log_probs: torch.Tensor) -> torch.Tensor:
+    """(B, m, V) log-probabilities -> (m*V, B) float32 lookup table, one column per query."""
+    return log_probs.reshape(log_probs.shape[0], -1).t().contiguous().float()
+
+
+def block_scores(tables: torch.Tensor, item_offsets: torch.Tensor, n_digit: int) -> torch.Tensor:
+    """(C, B) scores of C items (offset codes (C, m)) for the queries of ``tables`` (m*V, B)."""
+    return F.embedding_bag(item_offsets, tables, mode="sum") / n_digit
+
+
+def score_blocks(log_probs: torch.Tensor, codes: torch.Tensor, block_size: int
+                 ) -> Iterator[tuple[slice, int, torch.Tensor]]:
+    """Every (query block, item block) of scores: ``(query slice, first item row, (C, q) scores)``.
+
+    Memory is O(block x QUERY_BLOCK); item offsets are converted once per item block.
+    """
+    batch, n_digit, vocab = log_probs.shape
+    block = max(1, min(block_size, _SCORE_BUDGET // QUERY_BLOCK))
+    tables = [lookup_tables(log_probs[lo : lo + QUERY_BLOCK]) for lo in range(0, batch, QUERY_BLOCK)]
+    for start in range(0, codes.shape[0], block):
+        offsets = offset_codes(codes[start : start + block], vocab)
+        for i, table in enumerate(tables):
+            lo = i * QUERY_BLOCK
+            yield slice(lo, lo + table.shape[1]), start, block_scores(table, offsets, n_digit)
 
 
 def item_scores(log_probs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Scores of the items with ``codes`` for every query.
-
-    Args:
-        log_probs: (B, m, V) log-softmax over each digit's V tokens.
-        codes: (N, m) token of each item in each digit, values in [0, V).
-
-    Returns:
-        (B, N) mean over digits of the items' token log-probabilities.
-    """
-    n_digit = log_probs.shape[1]
-    codes = codes.long()
-    # One (B, N) gather per digit: reads a (B, V) slice that stays in cache; m is small (16-64).
-    total = log_probs[:, 0].index_select(1, codes[:, 0])  # (B, N)
-    for k in range(1, n_digit):
-        total += log_probs[:, k].index_select(1, codes[:, k])
-    return total / n_digit
+    """(B, N) scores of every item with ``codes`` (N, m) for every query (small catalogues)."""
+    out = torch.empty(log_probs.shape[0], codes.shape[0], device=log_probs.device)
+    for queries, start, scores in score_blocks(log_probs, codes, codes.shape[0]):
+        out[queries, start : start + scores.shape[0]] = scores.t()
+    return out
 
 
 def candidate_scores(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Scores of a different candidate list per query.
-
-    Args:
-        log_probs: (B, m, V) per-digit log-probabilities.
-        codes: (N, m) codes of all items.
-        rows: (B, C) item rows to score for each query.
-
-    Returns:
-        (B, C) scores, bit-identical to ``item_scores(log_probs, codes)[b, rows[b]]``.
-    """
+    """(B, C) scores of a different candidate list ``rows`` (B, C) per query."""
     n_digit = log_probs.shape[1]
-    # One gather of each candidate's m codes (a 2*m-byte row, one cache line), kept in their
-    # narrow dtype; widened one digit at a time.
-    cand_codes = codes[rows]  # (B, C, m)
+    cand_codes = codes[rows]  # (B, C, m): one gather of each candidate's m codes
     total = log_probs[:, 0].gather(1, cand_codes[:, :, 0].long())  # (B, C)
     for k in range(1, n_digit):
         total += log_probs[:, k].gather(1, cand_codes[:, :, k].long())
@@ -60,16 +80,7 @@ def candidate_scores(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.T
 
 
 def pair_scores(log_probs: torch.Tensor, queries: torch.Tensor, pair_codes: torch.Tensor) -> torch.Tensor:
-    """Scores of flat (query, item) pairs, e.g. the candidates one graph shard owns.
-
-    Args:
-        log_probs: (B, m, V) per-digit log-probabilities.
-        queries: (P,) query index of each pair, in [0, B).
-        pair_codes: (P, m) codes of each pair's item.
-
-    Returns:
-        (P,) scores, bit-identical to ``item_scores`` for the same query and item.
-    """
+    """(P,) scores of flat (query, item) pairs: query index (P,) in [0, B), item codes (P, m)."""
     n_digit, vocab = log_probs.shape[1], log_probs.shape[2]
     flat = log_probs.reshape(-1)  # (B*m*V,)
     base = queries.long() * (n_digit * vocab)  # (P,)
@@ -79,41 +90,62 @@ def pair_scores(log_probs: torch.Tensor, queries: torch.Tensor, pair_codes: torc
     return total / n_digit
 
 
-def full_ranking_topk(
-    log_probs: torch.Tensor, codes: torch.Tensor, k: int, block_size: int = 65_536
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` items over the whole catalogue, scored block by block (memory O(B x block)).
-
-    Ties are broken towards the lower item row, so results are deterministic.
-
-    Args:
-        log_probs: (B, m, V) per-digit log-probabilities.
-        codes: (N, m) codes of all items.
-        k: items to return (<= N).
-        block_size: items scored at once (capped so B x block stays bounded).
+def full_ranking_topk(log_probs: torch.Tensor, codes: torch.Tensor, k: int, block_size: int = 65_536
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` items over the whole catalogue, best first, ties by the lower item row.
 
     Returns:
-        (B, k) item rows and (B, k) scores, best first.
+        (B, k) item rows and (B, k) scores.
     """
-    batch = log_probs.shape[0]
-    n_items = codes.shape[0]
+    batch, n_items = log_probs.shape[0], codes.shape[0]
     if not 0 < k <= n_items:
         raise ValueError(f"k={k} must lie in [1, {n_items}]")
-    block = max(1, min(block_size, _SCORE_BUDGET // max(1, batch)))
-    device = log_probs.device
-    best = torch.empty(batch, 0, dtype=torch.int64, device=device)
-    for start in range(0, n_items, block):
-        scores = item_scores(log_probs, codes[start : start + block])  # (B, blk)
-        rows = torch.arange(start, start + scores.shape[1], device=device).expand(batch, -1)
-        keys = ranking_keys(scores, rows)  # (B, blk)
-        top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
-        best = merge_topk(best, top, min(k, best.shape[1] + top.shape[1]))
+    if log_probs.device.type != "cpu":
+        return _full_ranking_topk_torch(log_probs, codes, k, block_size)
+    top = RunningTopK(np.full(batch, -1, np.int64), k)
+    for queries, start, scores in score_blocks(log_probs, codes, block_size):
+        positions = np.arange(queries.start, queries.stop)
+        top.add(scores.numpy(), np.arange(start, start + scores.shape[0]), positions)
+    keys = torch.from_numpy(top.keys())
+    return key_rows(keys), key_scores(keys)
+
+
+def _full_ranking_topk_torch(log_probs, codes, k, block_size):
+    """Accelerators: the same blocks, selected with torch.topk on packed keys (no host copies)."""
+    batch = log_probs.shape[0]
+    best = torch.full((batch, 0), 0, dtype=torch.int64, device=log_probs.device)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(0, batch, QUERY_BLOCK)]
+    for queries, start, scores in score_blocks(log_probs, codes, block_size):
+        rows = torch.arange(start, start + scores.shape[0], device=scores.device).expand(scores.shape[1], -1)
+        keys = ranking_keys(scores.t(), rows)
+        parts[queries.start // QUERY_BLOCK].append(torch.topk(keys, min(k, keys.shape[1]), dim=1).values)
+    merged = [torch.topk(torch.cat(p, dim=1), k, dim=1).values for p in parts]
+    best = torch.cat(merged) if merged else best
     return key_rows(best), key_scores(best)
 
 
-def full_ranking_topk_reference(log_probs: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute-force twin of ``full_ranking_topk``: every score at once, then a stable sort."""
-    scores = item_scores(log_probs, codes)  # (B, N)
-    # Stable descending sort keeps the lower row first among equal scores.
-    order = torch.sort(scores + 0.0, dim=1, descending=True, stable=True).indices[:, :k]
-    return order, scores.gather(1, order)
+def target_ranks(log_probs: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor, block_size: int = 65_536
+                 ) -> torch.Tensor:
+    """0-based rank of each query's target among all items, in full ranking's order.
+
+    rank = items scoring higher + lower-row items scoring the same. No top-k is formed: memory is
+    one (block, 64) score block, whatever the catalogue.
+    """
+    target_score = scores_of(log_probs, codes[targets])  # same kernel as the blocks below
+    ranks = torch.zeros(len(targets), dtype=torch.long, device=log_probs.device)
+    for queries, start, scores in score_blocks(log_probs, codes, block_size):
+        rows = torch.arange(start, start + scores.shape[0], device=scores.device)[:, None]  # (C, 1)
+        own, mine = target_score[queries][None, :], targets[queries][None, :]
+        ranks[queries] += ((scores > own) | ((scores == own) & (rows < mine))).sum(0)
+    return ranks
+
+
+def scores_of(log_probs: torch.Tensor, item_codes: torch.Tensor) -> torch.Tensor:
+    """(B,) score of one item per query (codes (B, m)), by the block kernel (bit-identical)."""
+    vocab, n_digit = log_probs.shape[2], log_probs.shape[1]
+    out = torch.empty(log_probs.shape[0], device=log_probs.device)
+    for lo in range(0, log_probs.shape[0], QUERY_BLOCK):
+        table = lookup_tables(log_probs[lo : lo + QUERY_BLOCK])
+        scores = block_scores(table, offset_codes(item_codes[lo : lo + QUERY_BLOCK], vocab), n_digit)  # (q, q)
+        out[lo : lo + table.shape[1]] = scores.diagonal()
+    return out

@@ -28,7 +28,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.data.dataset import read_sequences
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import EvalExamples, leave_one_out
-from rpg_dist.decode.graph_decode import GraphDecoder, popular_start_items, random_start_items
+from rpg_dist.decode.graph_decode import GraphDecoder, history_start_items, popular_start_items, random_start_items
 from rpg_dist.decode.scoring import full_ranking_topk
 from rpg_dist.errors import ConfigError
 from rpg_dist.evaluation.metrics import ranking_metrics
@@ -69,6 +69,15 @@ def to_queries(examples: EvalExamples, index: ItemIndex, what: str) -> Queries:
     return Queries(histories=lists, targets=index.rows(examples.targets, what=f"{what} targets"))
 
 
+def sample_examples(examples: EvalExamples, max_users: int, seed: int) -> EvalExamples:
+    """A seeded sample of ``max_users`` users (in their order); all of them when 0 or fewer exist."""
+    if not 0 < max_users < len(examples.targets):
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples.targets), max_users, replace=False))
+    return EvalExamples(user_ids=examples.user_ids[keep], histories=examples.histories.take(pa.array(keep)),
+                        targets=examples.targets[keep])
+
+
 def popularity(train: pa.ListArray, index: ItemIndex) -> torch.Tensor:
     """(N,) int64 occurrences of each item in the training sequences."""
     rows = index.rows(train.flatten().to_numpy(), what="training sequences")
@@ -88,12 +97,12 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     split = leave_one_out(read_sequences(cfg.dataset, cfg.storage), max_len=cfg.model.max_seq_len)
     counts = popularity(split.train, index)
     timings["load_s"] = time.perf_counter() - clock
-    decoder, close = _decoder(cfg, codes, index, timings)
+    decoder, close, neighbors = _decoder(cfg, codes, index, timings)
     metrics: dict[str, Any] = {}
     try:
         for name, examples in (("val", split.val), ("test", split.test)):
-            queries = to_queries(examples, index, name)
-            graph, full = _evaluate_split(cfg, model, codes, decoder, counts, queries, name, timings)
+            queries = to_queries(sample_examples(examples, cfg.eval.max_users, cfg.seed), index, name)
+            graph, full = _evaluate_split(cfg, model, codes, (decoder, neighbors), counts, queries, name, timings)
             metrics[name] = graph
             if full is not None:
                 metrics[f"{name}_full_ranking"] = full
@@ -103,8 +112,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     top = popular_start_items(counts, len(split.test.targets), max(cfg.eval.ks)).numpy()
     metrics["popularity"] = ranking_metrics(top, index.rows(split.test.targets), cfg.eval.ks)
     metrics["timings_s"] = timings
-    metrics["decode"] = {**configlib.to_dict(cfg.decode), "n_items": len(index), "n_val": len(split.val.targets),
-                         "n_test": len(split.test.targets)}
+    metrics["decode"] = {**configlib.to_dict(cfg.decode), "n_items": len(index),
+                         "n_val": min(len(split.val.targets), cfg.eval.max_users or len(split.val.targets)),
+                         "n_test": min(len(split.test.targets), cfg.eval.max_users or len(split.test.targets))}
     _merge_write(paths.metrics, metrics, cfg)
     return metrics
 
@@ -116,7 +126,7 @@ def _item_index(cfg: Config) -> ItemIndex:
 
 
 def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[str, float]):
-    """The graph decoder (in-process or sharded over Ray actors) and its close function."""
+    """The graph decoder (in-process or sharded over Ray actors), its close function, the (N, k) lists."""
     from rpg_dist.graph.store import load_graph
 
     if cfg.decode.num_beams > codes.shape[0]:
@@ -131,16 +141,17 @@ def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[s
         decoder = ShardedGraphDecoder.from_run(cfg.run_dir, graph.partition, cfg.decode.num_beams,
                                                cfg.decode.steps, cfg.storage, cfg.decode.num_cpus_per_shard)
         timings["graph_load_s"] = time.perf_counter() - clock
-        return decoder, decoder.close
-    decoder = GraphDecoder(codes, torch.from_numpy(graph.neighbors), cfg.decode.num_beams, cfg.decode.steps,
-                           cfg.decode.chunk_size)
+        return decoder, decoder.close, torch.from_numpy(graph.neighbors)
+    neighbors = torch.from_numpy(graph.neighbors)
+    decoder = GraphDecoder(codes, neighbors, cfg.decode.num_beams, cfg.decode.steps, cfg.decode.chunk_size)
     timings["graph_load_s"] = time.perf_counter() - clock
-    return decoder, lambda: None
+    return decoder, lambda: None, neighbors
 
 
 @torch.no_grad()
-def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries, name: str, timings):
+def _evaluate_split(cfg: Config, model, codes, graph_decoder, counts, queries: Queries, name: str, timings):
     """Graph-decoding metrics (with n_visited_items) and full-ranking metrics of one split."""
+    decoder, neighbors = graph_decoder
     ks, top_k = cfg.eval.ks, max(cfg.eval.ks)
     generator = torch.Generator().manual_seed(cfg.decode.seed)
     graph_ranked, full_ranked, visited = [], [], []
@@ -151,10 +162,7 @@ def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries
         log_probs = model.next_token_log_probs(items, lengths).float()  # (B, m, V)
         spent["model"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        if cfg.decode.start == "popular":
-            start = popular_start_items(counts, len(lengths), cfg.decode.num_beams)
-        else:
-            start = random_start_items(len(lengths), codes.shape[0], cfg.decode.num_beams, generator)
+        start = start_items(cfg.decode, items, lengths, neighbors, counts, codes.shape[0], generator)
         result = decoder.decode(log_probs, start, top_k)
         _add_step_stats(traffic, getattr(decoder, "step_stats", []))
         graph_ranked.append(result.items.numpy())
@@ -178,6 +186,16 @@ def _evaluate_split(cfg: Config, model, codes, decoder, counts, queries: Queries
         timings[f"{name}_full_ranking_s"] = spent["full"]
         log.info("%s: full ranking %s", name, _fmt(full))
     return graph, full
+
+
+def start_items(decode, items, lengths, neighbors, counts, n_items: int, generator) -> torch.Tensor:
+    """(B, b) start rows for ``decode.start``: random (the paper), popular, or history-seeded."""
+    if decode.start == "popular":
+        return popular_start_items(counts, len(lengths), decode.num_beams)
+    if decode.start == "history":
+        fallback = popular_start_items(counts, 1, min(2 * decode.num_beams, n_items))[0]
+        return history_start_items(items, lengths, neighbors, fallback, decode.num_beams)
+    return random_start_items(len(lengths), n_items, decode.num_beams, generator)
 
 
 def _add_step_stats(total: list[dict[str, int]], batch: list[dict[str, int]]) -> None:

@@ -29,9 +29,10 @@ from rpg_dist.graph.token_blocks import default_groups, pairs_per_item, plan_tok
 
 log = logging.getLogger(__name__)
 
-# token_blocks tasks hold this many blocks of block_size query rows (64 x 1024 = 65,536 at the
+# token_blocks tasks hold up to this many blocks of block_size query rows (64 x 1024 = 65,536 at the
 # defaults: ~256 queries per token group of 256, so each group's block is shared by 4 sub-blocks of 64).
 TOKEN_TASK_BLOCKS = 64
+TASKS_PER_WORKER = 4
 
 
 @dataclass
@@ -125,7 +126,8 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     workers = _LocalWorkers(tables, codes16, n_edges, cfg, approx) if local else _RayWorkers(tables, codes16, n_edges, cfg, approx)
     try:
         clock = time.perf_counter()
-        neighbors = _collect(workers.run(_tasks(n_items, cfg.block_size, approx)), n_items, n_edges)
+        tasks = _tasks(n_items, cfg.block_size, approx, cfg.num_actors if not local else workers.threads)
+        neighbors = _collect(workers.run(tasks), n_items, n_edges)
         timings["neighbors_s"] = time.perf_counter() - clock
         stats = {}
         if mode == "approx" and cfg.recall_sample:
@@ -250,11 +252,12 @@ class _RayWorkers:
             ray.kill(actor)
 
 
-def _tasks(n_items: int, block_size: int, approx) -> list[tuple[str, tuple]]:
+def _tasks(n_items: int, block_size: int, approx, workers: int) -> list[tuple[str, tuple]]:
     """(method name, arguments) per task: row ranges, or groups of whole IVF lists of ~block_size items."""
     if approx is not None and approx["method"] == "token_blocks":
-        # Large tasks: each token group then holds enough of the task's queries to share a block.
-        size = block_size * TOKEN_TASK_BLOCKS
+        # Large tasks, so that each token group holds many of a task's queries (they share the
+        # group's block), but at least TASKS_PER_WORKER per worker to keep the workers balanced.
+        size = int(np.clip(-(-n_items // (TASKS_PER_WORKER * workers)), block_size, block_size * TOKEN_TASK_BLOCKS))
         return [("token_rows", (lo, min(lo + size, n_items))) for lo in range(0, n_items, size)]
     if approx is None or approx["method"] == "faiss_index":
         return [("block", (lo, min(lo + block_size, n_items))) for lo in range(0, n_items, block_size)]

@@ -23,17 +23,13 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
+from rpg_dist.decode.scoring import offset_codes  # noqa: F401 - re-exported for the graph builders
+
 
 def digit_similarity_tables(token_embeddings: torch.Tensor) -> torch.Tensor:
     """Per-digit cosine tables: (m, V, d) token embeddings -> (m, V, V) float32."""
     normed = F.normalize(token_embeddings.detach().to(torch.float32), dim=-1)
     return torch.bmm(normed, normed.transpose(1, 2)).contiguous()
-
-
-def offset_codes(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """(C, m) codes -> (C, m) int32 rows of a stacked (m*V, .) table: digit k's token j is k*V + j."""
-    n_digit = codes.shape[1]
-    return codes.to(torch.int32) + torch.arange(0, n_digit * codebook_size, codebook_size, dtype=torch.int32)
 
 
 def query_tables(tables: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:

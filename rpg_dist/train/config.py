@@ -48,6 +48,9 @@ class TrainConfig:
     # compare launchers step by step.
     shuffle: bool = True
     eval_every: int = 1
+    # Validation users: a seeded sample of this many (0: all), so that a validation pass costs
+    # O(val_users x items) whatever the number of users; the final evaluation keeps every user.
+    val_users: int = 20_000
     # Early stopping: stop after this many epochs without a better validation NDCG@10.
     patience: int = 20
     log_every: int = 50
@@ -77,7 +80,7 @@ class TrainConfig:
             raise ConfigError("max_steps: must be >= 1 or null")
         if self.lr <= 0:
             raise ConfigError("lr: must be > 0")
-        for name in ("warmup_steps", "patience", "max_failures", "torch_threads"):
+        for name in ("warmup_steps", "patience", "max_failures", "torch_threads", "val_users"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
         if self.grad_clip < 0:

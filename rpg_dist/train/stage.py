@@ -25,7 +25,7 @@ def prepare(cfg: Config) -> dict[str, Any]:
     semantic_ids = load_semantic_ids(paths.semantic_ids, cfg.storage)
     return windows.prepare_windows(
         paths.windows, cfg.dataset, semantic_ids.index, cfg.model.max_seq_len, cfg.seed,
-        semantic_ids_fingerprint(semantic_ids), paths.semantic_ids, cfg.storage,
+        semantic_ids_fingerprint(semantic_ids), paths.semantic_ids, cfg.storage, val_users=cfg.train.val_users,
     )
 
 
