@@ -3,7 +3,8 @@
 - ``s3rec``: ``sequences.txt`` (``user item item ...``) + ``items.jsonl`` (S3-Rec / P5 / RPG split).
 - ``amazon2014``: raw ``reviews_<Category>_5.json.gz`` + ``meta_<Category>.json.gz`` (McAuley et al.).
   Meta lines are Python literals: parsed with ``ast.literal_eval``, never ``eval``.
-- ``interactions``: a CSV/parquet of (user, item, timestamp) plus an items table.
+- ``interactions``: a CSV/parquet of (user, item, timestamp) plus an items table, streamed in bounded
+  memory (``interactions.py``); it commits through ``DatasetWriter`` itself.
 
 Each importer returns ``(items, sequences, origins)``; ``write`` validates and commits them through
 ``DatasetWriter`` so that every error names the input file and row.
@@ -20,8 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from rpg_dist import io
 from rpg_dist.data import text as item_text
@@ -30,7 +29,7 @@ from rpg_dist.errors import DataError
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
-    from rpg_dist.data.config import InteractionsColumns, PrepareConfig
+    from rpg_dist.data.config import PrepareConfig
 
 # The paper's item text fields, in its order (RPG's AmazonReviews2014._extract_meta_sentences).
 AMAZON_TEXT_FIELDS = ("title", "price", "brand", "feature", "categories", "description")
@@ -59,7 +58,9 @@ def prepare(cfg: PrepareConfig, out: str, storage: StorageConfig | None = None, 
     elif cfg.format == "amazon2014":
         raw = read_amazon2014(cfg.input, cfg.category, storage)
     else:
-        raw = read_interactions(cfg.input, cfg.items, cfg.columns, storage)
+        from rpg_dist.data.interactions import import_interactions
+
+        return import_interactions(cfg.input, cfg.items, cfg.columns, out, storage, overwrite=overwrite)
     return write(raw, out, source=cfg.format, storage=storage, overwrite=overwrite)
 
 
@@ -201,71 +202,6 @@ def _literal_lines(text: str, origin: str) -> list[dict[str, Any]]:
     return records
 
 
-# --- interactions ----------------------------------------------------------------------------------
-
-
-def read_interactions(
-    interactions_uri: str, items_uri: str, columns: InteractionsColumns, storage: StorageConfig | None = None
-) -> RawDataset:
-    """Generic (user, item, timestamp) interactions + an items table, column names configurable.
-
-    Integer user/item ids are kept; string ids get dense integers from 1 (in sorted order of the raw
-    ids, kept as ``raw_id``). Each user's items are stable-sorted by timestamp.
-    """
-    events = _read_table(interactions_uri, storage)
-    items = _read_table(items_uri, storage)
-    for name in (columns.user, columns.item, columns.timestamp):
-        _require(events, name, interactions_uri)
-    for name in (columns.item_id, *columns.text):
-        _require(items, name, items_uri)
-    raw_item_ids = items.column(columns.item_id)
-    if raw_item_ids.null_count:
-        row = int(np.flatnonzero(pc.is_null(raw_item_ids).to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{items_uri}: row {row}: field '{columns.item_id}' is null")
-    item_ids = _dense_ids(raw_item_ids, items_uri, columns.item_id)
-    text_columns = [items.column(c).to_pylist() for c in columns.text]
-    texts = [item_text.item_text(values) for values in zip(*text_columns)]
-    item_table = pa.table({"item_id": item_ids, "text": pa.array(texts, pa.string())})
-    if not pa.types.is_integer(raw_item_ids.type):
-        item_table = item_table.append_column("raw_id", pc.cast(raw_item_ids, pa.string()))
-    # Map each interaction's raw item to the dense id through the items table.
-    lookup = pc.index_in(events.column(columns.item), value_set=raw_item_ids.combine_chunks())
-    if lookup.null_count:
-        row = int(np.flatnonzero(pc.is_null(lookup).to_numpy(zero_copy_only=False))[0])
-        raise DataError(
-            f"{interactions_uri}: row {row}: field '{columns.item}' value "
-            f"{events.column(columns.item)[row].as_py()!r} is not in the items table {items_uri}"
-        )
-    mapped = pa.table(
-        {
-            "user": events.column(columns.user),
-            "item": pc.take(item_ids, lookup),
-            "timestamp": events.column(columns.timestamp),
-        }
-    )
-    user_codes, _, _, sequences = _group_sequences(mapped, "user", "item", "timestamp", origin=interactions_uri)
-    user_ids = user_codes if pa.types.is_integer(events.column(columns.user).type) else np.arange(1, len(user_codes) + 1)
-    return RawDataset(
-        items=item_table,
-        sequences=pa.table({"user_id": pa.array(user_ids, pa.int64()), "item_ids": sequences}),
-        items_origin=items_uri,
-        sequences_origin=interactions_uri,
-        first_row=0,
-    )
-
-
-def _dense_ids(column: pa.ChunkedArray, origin: str, field: str) -> pa.Array:
-    if pa.types.is_integer(column.type):
-        return pc.cast(column, pa.int64()).combine_chunks()
-    raw = column.to_numpy(zero_copy_only=False).astype(str)
-    uniq, inverse = np.unique(raw, return_inverse=True)
-    if len(uniq) != len(raw):
-        counts = np.bincount(inverse)
-        dup = uniq[np.flatnonzero(counts > 1)[0]]
-        raise DataError(f"{origin}: duplicate {field} {str(dup)!r}")
-    return pa.array(inverse + 1, pa.int64())
-
-
 # --- shared helpers --------------------------------------------------------------------------------
 
 
@@ -310,21 +246,6 @@ def _read_required(uri: str, storage: StorageConfig | None) -> bytes:
         return io.read_bytes(uri, storage)
     except FileNotFoundError:
         raise DataError(f"{uri}: file not found") from None
-
-
-def _read_table(uri: str, storage: StorageConfig | None) -> pa.Table:
-    data = _read_required(uri, storage)
-    try:
-        if uri.endswith(".parquet"):
-            return pq.read_table(pa.BufferReader(data))
-        return pacsv.read_csv(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{uri}: unreadable table: {err}") from None
-
-
-def _require(table: pa.Table, name: str, origin: str) -> None:
-    if name not in table.column_names:
-        raise DataError(f"{origin}: missing column '{name}' (columns: {table.column_names})")
 
 
 def _gunzip(data: bytes, origin: str) -> str:
