@@ -15,6 +15,8 @@ sample. A rank's shard under torchrun / local is every ``world``-th block of ``m
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ import torch
 from rpg_dist import io
 from rpg_dist.data import dataset as ds
 from rpg_dist.data.items import ItemIndex
-from rpg_dist.data.splits import leave_one_out, training_windows
+from rpg_dist.data.splits import MIN_SEQUENCE_LENGTH, leave_one_out, training_windows
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import PAD
 
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROWS_PER_FILE = 1_000_000
+# Streaming limits: users read per batch, and interactions per shuffle bucket (above it, windows are
+# shuffled through several buckets; below it, exactly as one in-memory permutation).
+USERS_PER_BATCH = 262_144
+WINDOWS_PER_BUCKET = 8_000_000
 LIST_INT32 = pa.list_(pa.int32())
 
 
@@ -93,50 +99,143 @@ def prepare_windows(
         if {k: manifest.get(k) for k in identity} == identity:
             return manifest
         log.info("windows under %s are stale; rebuilding", root)
-    sequences = ds.read_sequences(dataset_uri, storage)
-    _check_covered(sequences, index, dataset_uri, semantic_ids_uri)
-    train, val = _build_tables(sequences, index, max_seq_len, seed, dataset_uri)
-    n_val_users = len(val)
-    if 0 < val_users < len(val):
-        val = val.take(np.sort(np.random.default_rng(seed).choice(len(val), val_users, replace=False)))
     io.remove(paths.manifest, storage)  # uncommit first: a crash below leaves "no windows"
-    for folder, table in ((paths.train, train), (paths.val, val)):
+    for folder in (paths.train, paths.val):
         io.remove(folder, storage)
-        for part, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
-            uri = io.join(folder, f"part-{part:05d}.parquet")
-            io.write_parquet(table.slice(start, ROWS_PER_FILE), uri, storage, row_group_size=65_536)
-    lengths = np.diff(train.column("items").combine_chunks().offsets.to_numpy())
-    manifest = {
-        **identity,
-        "n_windows": len(train),
-        "n_positions": int((lengths - 1).sum()),
-        "n_labels": int(train.column("n_targets").to_numpy().sum()),
-        "n_val": len(val),
-        "n_val_users_total": n_val_users,
-    }
+    counts = _write_tables(paths, dataset_uri, index, max_seq_len, seed, val_users, semantic_ids_uri, storage)
+    manifest = {**identity, **counts}
     io.write_json(paths.manifest, manifest, storage)
-    log.info("wrote %d training windows and %d validation examples to %s", len(train), len(val), root)
+    log.info("wrote %d training windows and %d validation examples to %s", counts["n_windows"], counts["n_val"], root)
     return manifest
 
 
-def _build_tables(sequences: pa.Table, index: ItemIndex, max_seq_len: int, seed: int,
-                  dataset_uri: str) -> tuple[pa.Table, pa.Table]:
-    """Training windows in one seeded random order, and validation examples, as dense item rows."""
-    splits = leave_one_out(sequences, max_seq_len)
-    windows = training_windows(splits.train, max_seq_len)
-    windows = windows.take(np.random.default_rng(seed).permutation(len(windows)))
-    train = pa.table({
+def _write_tables(paths: WindowsPaths, dataset_uri: str, index: ItemIndex, max_seq_len: int, seed: int,
+                  val_users: int, semantic_ids_uri: str, storage: StorageConfig | None) -> dict[str, int]:
+    """Stream the sequences batch by batch into shuffled training windows and validation examples.
+
+    Memory is one batch of users plus one shuffle bucket. Windows go to buckets chosen uniformly at
+    random, each bucket is shuffled and written in turn: a uniformly random order overall. With one
+    bucket (datasets up to ``WINDOWS_PER_BUCKET``) it is exactly ``permutation(seed)`` of all windows.
+    """
+    uri = ds.sequences_uri(dataset_uri)
+    n_eligible = sum(int((_lengths(b.column(0)) >= MIN_SEQUENCE_LENGTH).sum())
+                     for _, b in io.iter_parquet(uri, storage, ["item_ids"]))
+    chosen = None
+    if 0 < val_users < n_eligible:
+        chosen = np.sort(np.random.default_rng(seed).choice(n_eligible, val_users, replace=False))
+    n_interactions = ds.read_info(dataset_uri, storage).n_interactions
+    n_buckets = max(1, -(-n_interactions // WINDOWS_PER_BUCKET))
+    bucket_rng = np.random.default_rng([seed, 1])
+    counts = {"n_windows": 0, "n_positions": 0, "n_labels": 0, "n_val": 0, "n_val_users_total": n_eligible}
+    val_part, row, eligible_before = 0, 0, 0
+    with tempfile.TemporaryDirectory(prefix="rpg-windows-") as spill, _Buckets(spill, n_buckets) as buckets:
+        for _, batch in io.iter_parquet(uri, storage, ["user_id", "item_ids"], batch_size=USERS_PER_BATCH):
+            sequences = pa.Table.from_batches([batch])
+            _check_covered(sequences, index, dataset_uri, semantic_ids_uri, first_row=row)
+            splits = leave_one_out(sequences, max_seq_len)
+            windows = training_windows(splits.train, max_seq_len)
+            buckets.add(windows, bucket_rng.integers(0, n_buckets, len(windows)) if n_buckets > 1 else None)
+            keep = _chosen_in_batch(chosen, eligible_before, len(splits.val.targets))
+            val = _val_table(splits.val, keep, index, dataset_uri)
+            if len(val) or val_part == 0:
+                io.write_parquet(val, io.join(paths.val, f"part-{val_part:05d}.parquet"), storage, row_group_size=65_536)
+                val_part += 1
+            counts["n_val"] += len(val)
+            eligible_before += len(splits.val.targets)
+            row += len(sequences)
+        part = 0
+        for b, windows in enumerate(buckets.read()):
+            rng = np.random.default_rng(seed if n_buckets == 1 else [seed, 2, b])
+            train = _train_table(windows.take(rng.permutation(len(windows))), index, dataset_uri)
+            for start in range(0, max(len(train), 1 if part == 0 else 0), ROWS_PER_FILE):
+                io.write_parquet(train.slice(start, ROWS_PER_FILE), io.join(paths.train, f"part-{part:05d}.parquet"),
+                                 storage, row_group_size=65_536)
+                part += 1
+            lengths = _lengths(train.column("items"))
+            counts["n_windows"] += len(train)
+            counts["n_positions"] += int((lengths - 1).sum())
+            counts["n_labels"] += int(train.column("n_targets").to_numpy().sum())
+    return counts
+
+
+class _Buckets:
+    """Shuffle buckets: windows appended to one of ``n`` Arrow IPC files on local disk, read back in turn."""
+
+    def __init__(self, folder: str, n: int) -> None:
+        self.paths = [f"{folder}/bucket-{b:05d}.arrow" for b in range(n)]
+        self._sinks: dict[int, tuple[pa.OSFile, pa.ipc.RecordBatchStreamWriter]] = {}
+        self._schema = None
+
+    def __enter__(self) -> _Buckets:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def add(self, windows: pa.Table, bucket: np.ndarray | None) -> None:
+        self._schema = windows.schema
+        if bucket is None:
+            self._write(0, windows)
+            return
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(len(self.paths) + 1))
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            self._write(b, windows.take(pa.array(order[bounds[b] : bounds[b + 1]])))
+
+    def read(self) -> Iterator[pa.Table]:
+        self._close()
+        for path in self.paths:
+            if os.path.exists(path):
+                with pa.memory_map(path) as source:
+                    yield pa.ipc.open_stream(source).read_all()
+            elif self._schema is not None and path == self.paths[0]:
+                yield self._schema.empty_table()
+
+    def _write(self, b: int, table: pa.Table) -> None:
+        if b not in self._sinks:
+            sink = pa.OSFile(self.paths[b], "wb")
+            self._sinks[b] = (sink, pa.ipc.new_stream(sink, table.schema))
+        self._sinks[b][1].write_table(table)
+
+    def _close(self) -> None:
+        for sink, writer in self._sinks.values():
+            writer.close()
+            sink.close()
+        self._sinks = {}
+
+
+def _lengths(lists) -> np.ndarray:
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    return np.diff(lists.offsets.to_numpy())
+
+
+def _chosen_in_batch(chosen: np.ndarray | None, before: int, n: int) -> np.ndarray | None:
+    """Positions (within this batch's eligible users) of the sampled validation users; None = all."""
+    if chosen is None:
+        return None
+    lo, hi = np.searchsorted(chosen, [before, before + n])
+    return chosen[lo:hi] - before
+
+
+def _train_table(windows: pa.Table, index: ItemIndex, dataset_uri: str) -> pa.Table:
+    return pa.table({
         "items": _dense_lists(windows.column("item_ids"), index, "item_ids", dataset_uri),
         "n_targets": windows.column("n_targets"),
     })
-    val = pa.table({
-        "history": _dense_lists(splits.val.histories, index, "validation history", dataset_uri),
-        "target": pa.array(index.rows(splits.val.targets, "validation target").astype(np.int32)),
+
+
+def _val_table(val, keep: np.ndarray | None, index: ItemIndex, dataset_uri: str) -> pa.Table:
+    histories, targets = val.histories, val.targets
+    if keep is not None:
+        histories, targets = histories.take(pa.array(keep)), targets[keep]
+    return pa.table({
+        "history": _dense_lists(histories, index, "validation history", dataset_uri),
+        "target": pa.array(index.rows(targets, "validation target").astype(np.int32)),
     })
-    return train, val
 
 
-def _check_covered(sequences: pa.Table, index: ItemIndex, dataset_uri: str, semantic_ids_uri: str) -> None:
+def _check_covered(sequences: pa.Table, index: ItemIndex, dataset_uri: str, semantic_ids_uri: str,
+                   first_row: int = 0) -> None:
     """Every item in the sequences needs a semantic ID; name the first one without.
 
     Raises:
@@ -150,7 +249,7 @@ def _check_covered(sequences: pa.Table, index: ItemIndex, dataset_uri: str, sema
     if len(unknown):
         row = int(pc.list_parent_indices(lists).to_numpy()[unknown[0]])
         raise DataError(
-            f"{ds.sequences_uri(dataset_uri)}: row {row} (user {sequences.column('user_id')[row].as_py()}): "
+            f"{ds.sequences_uri(dataset_uri)}: row {first_row + row} (user {sequences.column('user_id')[row].as_py()}): "
             f"field 'item_ids' holds item_id {int(values[unknown[0]])}, which has no semantic ID in "
             f"{semantic_ids_uri}; rerun `rpg-dist tokenize` for this dataset"
         )
