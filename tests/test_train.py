@@ -301,3 +301,43 @@ def test_heap_reuse_cuts_page_faults_of_repeated_large_allocations():
         heap.restore()
     assert plain > 8 * 10_000  # ~16k pages per fresh 64 MB mapping
     assert tuned < plain / 10
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what an attacker would put into a checkpoint."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_or_truncated_checkpoint_runs_no_code_and_the_previous_one_is_used(synth_dataset, tmp_path):
+    """A newest checkpoint whose pickle would run code is refused (nothing runs) and the previous
+    complete one resumes instead; a truncated one likewise; when none loads, a clear error."""
+    import glob
+
+    import torch
+
+    from rpg_dist.train import checkpoint
+    from rpg_dist.train.stage import train
+
+    run_dir = new_run(synth_dataset, str(tmp_path / "run"))
+    train(debug_config(synth_dataset, run_dir, "train.max_steps=14"))  # checkpoints at steps 7 and 14
+    paths = RunPaths(run_dir)
+    newest, older = sorted(glob.glob(f"{paths.checkpoints}/step-*/ds/*model_states.pt"))[::-1][:2]
+    assert "step-00000014" in newest and "step-00000007" in older
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _RunsCode(str(marker))}, newest)
+    summary = train(debug_config(synth_dataset, run_dir))
+    assert not marker.exists()
+    assert summary["resumed_from_step"] == 7 and summary["steps"] == 21
+    # Truncate every committed checkpoint's model states: nothing can resume, and the error says so.
+    for path in glob.glob(f"{paths.checkpoints}/step-*/ds/*model_states.pt"):
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 3])
+    with pytest.raises(checkpoint.CheckpointError, match=r"none of the 2 committed checkpoint\(s\) can be loaded"):
+        train(debug_config(synth_dataset, run_dir, "train.epochs=4"))

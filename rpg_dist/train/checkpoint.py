@@ -11,16 +11,22 @@ own files through fsspec; loading downloads the folder first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 import re
 import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rpg_dist import io
 from rpg_dist.artifacts import read_versioned_json
 from rpg_dist.errors import StageError
+
+
+class CheckpointError(StageError):
+    """A committed checkpoint that cannot be loaded (refused, truncated or altered)."""
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
@@ -116,11 +122,40 @@ def load(engine, uri: str, storage: StorageConfig | None = None) -> None:
 
 
 def _load_local(engine, folder: str) -> None:
-    load_path, _ = engine.load_checkpoint(
-        folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with tensors_only():
+        load_path, _ = engine.load_checkpoint(
+            folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise StageError(f"{folder}: DeepSpeed found no checkpoint under tag {TAG!r}")
+
+
+@contextlib.contextmanager
+def tensors_only() -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's included) unpickles tensors and plain data only.
+
+    DeepSpeed reads checkpoints with ``weights_only=False``, i.e. arbitrary pickles: whoever can write
+    RUN_DIR/checkpoints (a shared bucket prefix) would run code on every training worker. Inside this
+    block torch's restricted unpickler is forced, and a file it refuses is a ``CheckpointError``
+    naming it. (A DeepSpeed checkpoint holds tensors, dicts, lists, numbers and strings; ZeRO-0..3
+    resume under this restriction in the tests.)
+    """
+    import torch
+
+    original = torch.load
+
+    def restricted(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - torch raises several types for refused or broken files
+            raise CheckpointError(f"{f}: refused to load: {str(err).splitlines()[0]}") from None
+
+    torch.load = restricted
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def prune(root: str, keep: int, storage: StorageConfig | None = None) -> None:

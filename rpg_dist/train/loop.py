@@ -136,17 +136,31 @@ class Trainer:
             self.barrier()
             return TrainState()
         complete = checkpoint.list_complete(root, self.storage) if self.rt.is_main else None
-        newest = _broadcast_object(complete[-1][1] if complete else None)
-        if newest is None:
-            return TrainState()
-        meta = checkpoint.read_meta(newest, self.storage)
-        checkpoint.check_compatible(newest, meta, self.identity, self.layout())
-        checkpoint.load(self.engine, newest, self.storage)
-        state = TrainState(**meta["state"])
-        state.resumed_from = state.step
-        if self.rt.is_main:
-            log.info("resumed from %s (step %d, epoch %d)", newest, state.step, state.epoch)
-        return state
+        candidates = _broadcast_object([uri for _, uri in reversed(complete or [])])  # newest first
+        for uri in candidates:
+            meta = checkpoint.read_meta(uri, self.storage)
+            checkpoint.check_compatible(uri, meta, self.identity, self.layout())
+            failure = None
+            try:
+                checkpoint.load(self.engine, uri, self.storage)
+            except checkpoint.CheckpointError as err:
+                failure = str(err)
+            # Every rank must resume from the same checkpoint: one rank's broken file rejects it for all.
+            failures = [f for f in _gather_objects(failure, self.rt.world_size) if f]
+            if failures:
+                if self.rt.is_main:
+                    log.warning("checkpoint %s cannot be loaded (%s); trying the previous one", uri, failures[0])
+                continue
+            state = TrainState(**meta["state"])
+            state.resumed_from = state.step
+            if self.rt.is_main:
+                log.info("resumed from %s (step %d, epoch %d)", uri, state.step, state.epoch)
+            return state
+        if candidates:
+            raise checkpoint.CheckpointError(
+                f"{root}: none of the {len(candidates)} committed checkpoint(s) can be loaded; "
+                "--set train.resume=false starts over (and deletes them)")
+        return TrainState()
 
     # ---- training ------------------------------------------------------------------------------
 
