@@ -53,6 +53,11 @@ def test_torchrun_zero1_2_3_follow_the_single_process_losses(synth_dataset, tmp_
         summary = torchrun(run_dir, synth_dataset, [*SAME_BATCHES, f"train.zero_stage={stage}"], tmp_path)
         assert summary["world_size"] == 2 and summary["zero_stage"] == stage
         np.testing.assert_allclose(logged_losses(run_dir), reference, rtol=0, atol=TOLERANCE)
+        if stage >= 2:
+            # Partitioned optimizer (and for ZeRO-3 parameter) states resume through the restricted
+            # unpickler (train/checkpoint.tensors_only): one more epoch from the committed checkpoint.
+            more = torchrun(run_dir, synth_dataset, [*SAME_BATCHES, f"train.zero_stage={stage}", "train.max_steps=6"], tmp_path)
+            assert more["resumed_from_step"] == summary["steps"] and more["steps"] > summary["steps"]
         # The exported model is complete even though ZeRO-3 kept parameters partitioned.
         from rpg_dist.model.export import load_model
 

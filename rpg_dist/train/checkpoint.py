@@ -28,6 +28,16 @@ from rpg_dist.errors import StageError
 class CheckpointError(StageError):
     """A committed checkpoint that cannot be loaded (refused, truncated or altered)."""
 
+
+def _deepspeed_globals() -> list:
+    """Classes the restricted unpickler may rebuild from DeepSpeed checkpoints: data records only
+    (a loss-scale state, a stage enum, a tensor-fragment address), none that runs code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
 
@@ -137,8 +147,8 @@ def tensors_only() -> Iterator[None]:
     DeepSpeed reads checkpoints with ``weights_only=False``, i.e. arbitrary pickles: whoever can write
     RUN_DIR/checkpoints (a shared bucket prefix) would run code on every training worker. Inside this
     block torch's restricted unpickler is forced, and a file it refuses is a ``CheckpointError``
-    naming it. (A DeepSpeed checkpoint holds tensors, dicts, lists, numbers and strings; ZeRO-0..3
-    resume under this restriction in the tests.)
+    naming it. Besides tensors, dicts, lists, numbers and strings, ZeRO's optimizer files hold three
+    plain DeepSpeed records (allowed below, found by loading ZeRO-1..3 checkpoints in the tests).
     """
     import torch
 
@@ -147,7 +157,8 @@ def tensors_only() -> Iterator[None]:
     def restricted(f, *args, **kwargs):
         kwargs["weights_only"] = True
         try:
-            return original(f, *args, **kwargs)
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return original(f, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - torch raises several types for refused or broken files
             raise CheckpointError(f"{f}: refused to load: {str(err).splitlines()[0]}") from None
 
