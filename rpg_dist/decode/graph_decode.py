@@ -84,7 +84,9 @@ def history_start_items(items: torch.Tensor, lengths: torch.Tensor, neighbors: t
     back = lengths.unsqueeze(1) - 1 - position  # (B, T)
     recent = torch.where(back >= 0, items.gather(1, back.clamp(min=0)), torch.full_like(items, -1))
     last = recent[:, :n_recent]  # (B, r)
-    near = torch.where((last >= 0).unsqueeze(2), neighbors[last.clamp(min=0)].long(), -1).reshape(batch, -1)
+    # Only each list's first n_beams can be needed: n_beams distinct items suffice.
+    near = neighbors[last.clamp(min=0)][:, :, :n_beams].long()  # (B, r, b)
+    near = torch.where((last >= 0).unsqueeze(2), near, -1).reshape(batch, -1)
     pool = torch.cat([recent, near, fallback.long().unsqueeze(0).expand(batch, -1)], dim=1)  # (B, L)
     return first_distinct(pool, n_beams)
 
