@@ -341,3 +341,20 @@ def test_a_tampered_or_truncated_checkpoint_runs_no_code_and_the_previous_one_is
         open(path, "wb").write(data[: len(data) // 3])
     with pytest.raises(checkpoint.CheckpointError, match=r"none of the 2 committed checkpoint\(s\) can be loaded"):
         train(debug_config(synth_dataset, run_dir, "train.epochs=4"))
+
+
+def test_graph_decoded_validation_equals_full_ranking_when_the_graph_reaches_everything(synth_dataset, tmp_path):
+    """train.val_decoding=graph builds the current table's graph and decodes; with every item in every
+    neighbour list one step visits the whole catalogue, so the metrics must equal full ranking's."""
+    from rpg_dist.train.stage import train
+
+    n_items = len(io.read_parquet(io.join(synth_dataset, "items"), columns=["item_id"]))
+    common = ["train.max_steps=7", "decode.num_beams=10", "decode.steps=1", f"graph.n_edges={n_items - 1}"]
+    full = train(debug_config(synth_dataset, new_run(synth_dataset, str(tmp_path / "full")), *common))
+    graph = train(debug_config(synth_dataset, new_run(synth_dataset, str(tmp_path / "graph")), *common,
+                               "train.val_decoding=graph"))
+    assert graph["best_val"] == full["best_val"] and full["best_val"]["ndcg@10"] > 0
+    # A graph that cannot reach the targets scores lower: one neighbour, one step.
+    narrow = train(debug_config(synth_dataset, new_run(synth_dataset, str(tmp_path / "narrow")), "train.max_steps=7",
+                                "decode.num_beams=10", "decode.steps=1", "graph.n_edges=1", "train.val_decoding=graph"))
+    assert narrow["best_val"]["recall@10"] < full["best_val"]["recall@10"]

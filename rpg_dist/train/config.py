@@ -51,6 +51,10 @@ class TrainConfig:
     # Validation users: a seeded sample of this many (0: all), so that a validation pass costs
     # O(val_users x items) whatever the number of users; the final evaluation keeps every user.
     val_users: int = 20_000
+    # "full": rank every item (the reference code's validation); "graph": decode through a graph of
+    # the current token table with the decode section's settings (built in-process each validation),
+    # so that validation measures what serving does at a cost set by the beams, not the catalogue.
+    val_decoding: Literal["full", "graph"] = "full"
     # Early stopping: stop after this many epochs without a better validation NDCG@10.
     patience: int = 20
     log_every: int = 50

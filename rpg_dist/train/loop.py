@@ -7,6 +7,7 @@ at the same points, so the schedule never diverges between ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -283,6 +284,29 @@ class Trainer:
 
     # ---- validation, checkpoints, export --------------------------------------------------------
 
+    def _validation_decoder(self):
+        """train.val_decoding=graph: the graph of the current token table, built in this process,
+        and the decoder of ``cfg.decode`` over it (random or history starts; popular is random)."""
+        from rpg_dist.decode.graph_decode import GraphDecoder, history_start_items, random_start_items
+        from rpg_dist.graph.builder import build_item_graph
+
+        codes = self.eval_model.item_codes.cpu()
+        graph_cfg = dataclasses.replace(self.cfg.graph, local_max_items=max(self.cfg.graph.local_max_items, len(codes)),
+                                        recall_sample=0, n_partitions=1)
+        neighbors = torch.from_numpy(build_item_graph(self.eval_model.token_embeddings.detach().cpu(), codes,
+                                                      graph_cfg, seed=self.cfg.seed).neighbors)
+        d = self.cfg.decode
+        decoder = GraphDecoder(codes, neighbors, d.num_beams, d.steps, d.chunk_size)
+        generator = torch.Generator().manual_seed(d.seed)
+        fallback = torch.arange(min(2 * d.num_beams, len(codes)))
+
+        def start(items, lengths):
+            if d.start == "history":
+                return history_start_items(items, lengths, neighbors, fallback, d.num_beams)
+            return random_start_items(len(lengths), len(codes), d.num_beams, generator)
+
+        return decoder, start
+
     def _validate(self) -> None:
         state, started = self.state, time.perf_counter()
         weights = engine_lib.full_state_dict(self.engine)  # collective under ZeRO-3
@@ -290,7 +314,8 @@ class Trainer:
         eval_cfg = self.cfg.eval
         ks = sorted(set(eval_cfg.ks) | {10})
         # Validation runs in fp32 whatever the training precision, as the final evaluation does.
-        sums = validation_sums(self.eval_model, self.val_examples, _with_ks(eval_cfg, ks), self.rt.device)
+        decode = self._validation_decoder() if self.tc.val_decoding == "graph" else None
+        sums = validation_sums(self.eval_model, self.val_examples, _with_ks(eval_cfg, ks), self.rt.device, decode)
         metrics = metrics_from_sums(self.all_reduce(sums), ks)
         entry = state.history[-1]
         entry.update({f"val/{k}": v for k, v in metrics.items()})

@@ -19,8 +19,14 @@ from rpg_dist.train.windows import history_batches
 
 
 @torch.inference_mode()
-def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, device: torch.device) -> torch.Tensor:
+def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, device: torch.device,
+                    decode=None) -> torch.Tensor:
     """Per-metric sums over this rank's examples, ready for an all-reduce.
+
+    Args:
+        decode: ``(GraphDecoder, start_fn)`` to validate graph decoding instead of full ranking:
+            ``start_fn(items, lengths)`` gives each query's (B, b) start rows; a target outside the
+            decoded top max(ks) counts as a miss.
 
     Returns:
         (1 + 2 * len(ks),) float64: the example count, then recall@k and ndcg@k sums per k in
@@ -30,8 +36,15 @@ def validation_sums(model: RPG, examples: pa.Table | None, cfg: EvalConfig, devi
     ks = sorted(cfg.ks)
     sums = torch.zeros(1 + 2 * len(ks), dtype=torch.float64)
     for batch in history_batches(examples, cfg.batch_size):
-        log_probs = model.next_token_log_probs(batch["items"].to(device), batch["lengths"].to(device))
-        ranks = target_ranks(log_probs, model.item_codes, batch["target"].to(device), cfg.item_block_size)
+        items, lengths, targets = batch["items"].to(device), batch["lengths"].to(device), batch["target"].to(device)
+        log_probs = model.next_token_log_probs(items, lengths)
+        if decode is None:
+            ranks = target_ranks(log_probs, model.item_codes, targets, cfg.item_block_size)
+        else:
+            decoder, start_fn = decode
+            top = decoder.decode(log_probs.float().cpu(), start_fn(items.cpu(), lengths.cpu()), max(ks)).items
+            hit = top == targets.cpu().long().unsqueeze(1)
+            ranks = torch.where(hit.any(1), hit.int().argmax(1), max(ks))  # a miss ranks past every k
         ranks = ranks.cpu().double()
         sums[0] += len(ranks)
         for i, k in enumerate(ks):
