@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rpg_dist import io
-from rpg_dist.errors import ConfigError, DataError, RpgDistError
+from rpg_dist.errors import ConfigError, DataError
 from rpg_dist.tokenizer import shards
 from rpg_dist.tokenizer.config import BUNDLED_ENCODER
 
@@ -131,7 +131,7 @@ def read_shard_items(shard: shards.Shard, storage: StorageConfig | None) -> tupl
     return item_ids.astype(np.int64), text.to_pylist()
 
 
-class ShardEmbedder:
+class ShardEmbedder(shards.ShardWorker):
     """Ray Data callable class: loads the encoder once, then embeds and commits one shard per call."""
 
     def __init__(self, *, encoder: str, dtype: str, batch_size: int, threads: int, use_gpu: bool,
@@ -147,14 +147,7 @@ class ShardEmbedder:
         self.out_dir, self.manifest_dir = out_dir, manifest_dir
         self.fingerprint, self.storage = fingerprint, storage
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shard = shards.shard_from_row(batch, shards.Shard)
-        try:
-            return shards.result_row(manifest=self.embed(shard))
-        except RpgDistError as err:
-            return shards.result_row(error=err)
-
-    def embed(self, shard: shards.Shard) -> dict[str, Any]:
+    def run(self, shard: shards.Shard) -> dict[str, Any]:
         start = time.perf_counter()
         item_ids, texts = read_shard_items(shard, self.storage)
         emb = embed_texts(self.model, texts, self.batch_size)  # (n, D)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from rpg_dist import io
 from rpg_dist.data import dataset
 from rpg_dist.data.items import ItemIndex, iter_item_ids, repeats
-from rpg_dist.errors import DataError, RpgDistError
+from rpg_dist.errors import DataError
 from rpg_dist.tokenizer import shards
 from rpg_dist.tokenizer.embed import embedding_table, normalize_checked
 
@@ -98,7 +98,7 @@ def check_ids(source: str, dataset_uri: str, storage: StorageConfig | None) -> N
                         f"e.g. item_id {int(missing[0])}")
 
 
-class ShardImporter:
+class ShardImporter(shards.ShardWorker):
     """Ray Data callable class: validates, normalises and commits one shard of precomputed vectors."""
 
     def __init__(self, *, dim: int, out_dir: str, manifest_dir: str, fingerprint: str,
@@ -106,13 +106,6 @@ class ShardImporter:
         self.dim = dim
         self.out_dir, self.manifest_dir = out_dir, manifest_dir
         self.fingerprint, self.identity, self.storage = fingerprint, identity, storage
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shard = shards.shard_from_row(batch, shards.Shard)
-        try:
-            return shards.result_row(manifest=self.run(shard))
-        except RpgDistError as err:
-            return shards.result_row(error=err)
 
     def run(self, shard: shards.Shard) -> dict[str, Any]:
         start = time.perf_counter()

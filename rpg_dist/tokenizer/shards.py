@@ -248,6 +248,23 @@ def _iter_rows(ds) -> Iterator[dict[str, Any]]:
     yield from ds.iter_rows()
 
 
+class ShardWorker:
+    """Base of the Ray Data callable classes: one shard descriptor in, its manifest (or error) out.
+
+    Subclasses implement ``run(shard) -> manifest``.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shard = shard_from_row(batch, Shard)
+        try:
+            return result_row(manifest=self.run(shard))
+        except errors.RpgDistError as err:
+            return result_row(error=err)
+
+    def run(self, shard: Shard) -> dict[str, Any]:
+        raise NotImplementedError
+
+
 def result_row(manifest: dict[str, Any] | None = None, error: errors.RpgDistError | None = None) -> dict[str, np.ndarray]:
     """The one-row batch a worker returns: the shard's manifest, or the error it hit."""
     return {
