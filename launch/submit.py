@@ -1,7 +1,8 @@
 """``rpg-dist submit``: run a config on a Ray cluster as a Ray job.
 
 The config is validated here first (with its overrides) and shipped to the cluster in the job's
-``runtime_env`` working directory, so the job runs exactly what was checked locally. The cluster's
+``runtime_env`` working directory, without credentials (``config.public_config``), so the job runs
+exactly what was checked locally with the cluster's own storage credentials. The cluster's
 nodes must have rpg-dist installed (see cluster/README.md); artefacts go to the config's ``run_dir``,
 which on a real cluster should be shared storage (s3://, gs://) rather than a local path.
 """
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from rpg_dist.config import load_config
+from rpg_dist.config import has_secrets, load_config, public_config
 from rpg_dist.configlib import to_yaml
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,13 @@ def submit(address: str, config: str, overrides: list[str], command: str = "run"
     cfg = load_config(config, overrides)
     if "://" not in cfg.run_dir and not os.path.isabs(cfg.run_dir):
         log.warning("run_dir %r is relative: on a cluster it lands in the job's scratch directory", cfg.run_dir)
+    if has_secrets(cfg):
+        log.warning("storage credentials in the config are not shipped (the job's working_dir is visible "
+                    "on the dashboard): the job uses the cluster's own (instance role, service account)")
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="rpg-dist-job-") as workdir:
         with open(os.path.join(workdir, SHIPPED_CONFIG), "w") as handle:
-            handle.write(to_yaml(cfg))
+            handle.write(to_yaml(public_config(cfg)))
         job_id = client.submit_job(
             entrypoint=f"rpg-dist {command} --config {SHIPPED_CONFIG}",
             runtime_env={"working_dir": workdir, "env_vars": _env_vars()},

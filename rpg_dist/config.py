@@ -115,15 +115,39 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 RUN_CONFIG = "config.yaml"
 
 
-def save_run_config(cfg: Config) -> None:
-    """Record the resolved config in ``RUN_DIR/config.yaml`` (what serving and ``synth --like`` read).
+# fsspec storage options that carry credentials (s3fs, gcsfs, adlfs names), matched case-insensitively.
+SECRET_OPTIONS = ("key", "secret", "token", "password", "session_token", "client_secret", "account_key",
+                  "sas_token", "credentials", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
-    Storage credentials are left out: whoever loads the run supplies their own.
+
+def public_config(cfg: Config) -> Config:
+    """``cfg`` without credentials: what every config that is written, shipped or recorded holds.
+
+    storage.key and storage.secret become None and credential-like storage.options (any key named in
+    ``SECRET_OPTIONS``, also nested) are dropped; whoever loads the config supplies their own.
     """
+    options = _without_secrets(cfg.storage.options)
+    return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, key=None, secret=None, options=options))
+
+
+def has_secrets(cfg: Config) -> bool:
+    return public_config(cfg).storage != cfg.storage
+
+
+def _without_secrets(options: Any) -> Any:
+    if isinstance(options, dict):
+        return {k: _without_secrets(v) for k, v in options.items() if str(k).lower() not in SECRET_OPTIONS}
+    if isinstance(options, list):
+        return [_without_secrets(v) for v in options]
+    return options
+
+
+def save_run_config(cfg: Config) -> None:
+    """Record the resolved config in ``RUN_DIR/config.yaml`` (what serving and ``synth --like`` read),
+    without credentials (``public_config``)."""
     from rpg_dist import io
 
-    public = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, key=None, secret=None))
-    io.write_text(io.join(cfg.run_dir, RUN_CONFIG), configlib.to_yaml(public), cfg.storage)
+    io.write_text(io.join(cfg.run_dir, RUN_CONFIG), configlib.to_yaml(public_config(cfg)), cfg.storage)
 
 
 def read_run_config(run_dir: str, storage: StorageConfig | None = None) -> Config:

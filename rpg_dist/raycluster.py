@@ -18,14 +18,17 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers import rpg_dist from this interpreter's environment; nothing else needs shipping.
     kwargs = {"namespace": cfg.namespace, "log_to_driver": True, "configure_logging": False}
     # Inside a Ray job (rpg-dist submit) RAY_ADDRESS names the cluster the job runs on.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        # A cluster decides its own authentication (cluster/ enables token auth): never override it.
         ray.init(address=address, **kwargs)
     else:
+        # A local instance without a dashboard, reachable from this machine only: token auth would
+        # only add a token file per run.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
     log.info("ray: %s, resources %s", address or "local", ray.cluster_resources())
 

@@ -87,3 +87,27 @@ def test_documented_commands_are_real(name):
 def test_dockerfile_installs_the_package():
     text = (CLUSTER / "Dockerfile").read_text()
     assert "rayproject/ray:" in text and "/opt/rpg-dist" in text and "faiss-gpu" in text
+
+
+def _ray_containers(manifest: dict) -> list[dict]:
+    spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    containers = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    if manifest["kind"] == "RayJob":
+        containers += manifest["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    return containers
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_clusters_are_closed_by_default(name):
+    """A dashboard reachable from other pods must demand Ray's token in every Ray container."""
+    for container in _ray_containers(_yaml(name)):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (name, container["name"])
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "rpg-dist-ray-token"
+
+
+def test_aws_dashboard_listens_on_loopback_only():
+    for command in _yaml("aws.yaml")["head_start_ray_commands"]:
+        if "ray start --head" in command:
+            assert "--dashboard-host=127.0.0.1" in command and "0.0.0.0" not in command

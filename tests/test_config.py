@@ -136,3 +136,19 @@ def test_relative_local_paths_are_pinned_for_ray_workers(tmp_path, monkeypatch):
     assert pinned.run_dir == "s3://bucket/run"  # URIs stay as they are
     assert with_absolute_paths(pinned) == pinned
     assert cfg.dataset == "data/ds"  # the loaded config is not changed in place
+
+
+def test_public_config_drops_every_credential():
+    from rpg_dist.config import has_secrets, public_config
+
+    cfg = config_from_dict({"dataset": "s3://b/d", "run_dir": "s3://b/r", "storage": {
+        "key": "AKIAEXAMPLE", "secret": "hunter2", "region": "eu-west-1",
+        "options": {"token": "tok-5e7a", "client_kwargs": {"aws_session_token": "sess-91b3", "verify": False},
+                    "config_kwargs": {"retries": {"max_attempts": 2}}}}})
+    public = public_config(cfg)
+    text = to_yaml(public)
+    for secret in ("AKIAEXAMPLE", "hunter2", "tok-5e7a", "sess-91b3"):
+        assert secret not in text
+    assert public.storage.region == "eu-west-1" and public.storage.options["client_kwargs"] == {"verify": False}
+    assert public.storage.options["config_kwargs"] == {"retries": {"max_attempts": 2}}
+    assert has_secrets(cfg) and not has_secrets(public)

@@ -16,7 +16,7 @@ import torch
 
 from rpg_dist import io
 from rpg_dist.artifacts import RunPaths
-from rpg_dist.config import load_config
+from rpg_dist.config import config_from_dict, load_config
 from rpg_dist.errors import StageError
 from rpg_dist.model.rpg import PAD
 from rpg_dist.train import windows
@@ -358,3 +358,21 @@ def test_graph_decoded_validation_equals_full_ranking_when_the_graph_reaches_eve
     narrow = train(debug_config(synth_dataset, new_run(synth_dataset, str(tmp_path / "narrow")), "train.max_steps=7",
                                 "decode.num_beams=10", "decode.steps=1", "graph.n_edges=1", "train.val_decoding=graph"))
     assert narrow["best_val"]["recall@10"] < full["best_val"]["recall@10"]
+
+
+def test_ray_train_records_no_credentials_but_workers_get_them(ray_local):
+    """Ray Train records train_loop_config (its run state, the dashboard): only a reference to the
+    storage section may be in it; the workers resolve it to the credentials."""
+    import json
+
+    from rpg_dist.train.ray_launcher import loop_config
+
+    secrets = {"key": "AKIAEXAMPLESECRET1", "secret": "s3cr3t-value-9f2c", "token": "tok-7d1e-secret"}
+    cfg = config_from_dict({"dataset": "s3://b/d", "run_dir": "s3://b/r", "storage": {
+        "key": secrets["key"], "secret": secrets["secret"], "options": {"token": secrets["token"]}}})
+    recorded = loop_config(cfg)
+    text = json.dumps(recorded["config"]) + repr(recorded["storage"])
+    for value in secrets.values():
+        assert value not in text
+    storage = ray_local.get(recorded["storage"])
+    assert (storage.key, storage.secret, storage.options["token"]) == (secrets["key"], secrets["secret"], secrets["token"])

@@ -17,7 +17,7 @@ from typing import Any
 
 from rpg_dist import configlib, io
 from rpg_dist.artifacts import RunPaths
-from rpg_dist.config import Config, config_from_dict
+from rpg_dist.config import Config, config_from_dict, public_config
 from rpg_dist.errors import StageError
 from rpg_dist.raycluster import init_ray
 from rpg_dist.train.windows import WindowsPaths
@@ -44,7 +44,7 @@ def run_ray(cfg: Config) -> dict[str, Any]:
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": configlib.to_dict(cfg)},
+        train_loop_config=loop_config(cfg),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -60,13 +60,26 @@ def run_ray(cfg: Config) -> dict[str, Any]:
     return read_model_metadata(cfg.run_dir, cfg.storage)["training"]
 
 
+def loop_config(cfg: Config) -> dict[str, Any]:
+    """What Ray Train hands each worker, and records: the config without credentials, and the storage
+    section (with them) as an object-store reference, which is all that gets recorded of it."""
+    import ray
+
+    return {"config": configlib.to_dict(public_config(cfg)), "storage": ray.put(cfg.storage)}
+
+
 def _worker(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     from rpg_dist.train.loop import train_loop
     from rpg_dist.train.runtime import ray_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import dataclasses
+
+    import ray
+
     cfg = config_from_dict(loop_config["config"], "<ray worker>")
+    cfg = dataclasses.replace(cfg, storage=ray.get(loop_config["storage"]))
     train_loop(ray_runtime(cfg.train.use_gpu), cfg)
 
 
