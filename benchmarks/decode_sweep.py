@@ -3,7 +3,7 @@
     python benchmarks/decode_sweep.py --run RUN_DIR --dataset DATASET [--users 20000] --json out.json
 
 For a trained run: the exact graph and the approximate (token-block) graph are built in-process from
-the run's token table; the test split's log-probabilities are computed once; then every combination
+the run's token table (or the run's own graph is loaded: --graphs run); the test split's log-probabilities are computed once; then every combination
 of graph x start (random: the paper; history: the user's items and their neighbours) x beams b x
 steps q is decoded. Prints NDCG@10, Recall@10, the mean fraction of items visited and queries/s, and
 full ranking's NDCG@10 and queries/s on the same users.
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,3")
     parser.add_argument("--approx-groups", type=int, default=0, help="token groups of the approximate graph (0: auto)")
     parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--graphs", default="exact,approx",
+                        help="graphs to decode with: exact, approx (built here) and/or run (the run's own)")
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -56,7 +58,15 @@ def main() -> None:
     index = load_semantic_ids(RunPaths(args.run).semantic_ids).index
     table = model.token_embeddings.detach()
     graphs, out = {}, {"machine": machine(), "run": args.run, "n_items": int(codes.shape[0]), "graphs": {}, "rows": []}
+    if "run" in args.graphs.split(","):
+        from rpg_dist.graph.store import load_graph, read_manifest
+
+        graphs["run"] = torch.from_numpy(load_graph(args.run, index).neighbors)
+        manifest = read_manifest(args.run)
+        out["graphs"]["run"] = {k: manifest.get(k) for k in ("mode", "approx_method", "n_edges", "approx_token_groups")}
     for name, mode in (("exact", "exact"), ("approx", "approx")):
+        if name not in args.graphs.split(","):
+            continue
         cfg = GraphConfig(mode=mode, n_edges=args.n_edges, approx_token_groups=args.approx_groups,
                           local_max_items=10**9, recall_sample=1000, n_partitions=1)
         clock = time.perf_counter()
