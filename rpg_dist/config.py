@@ -113,6 +113,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 RUN_CONFIG = "config.yaml"
+# Settings older runs recorded that no longer exist: a run config holding them still loads.
+RETIRED_SETTINGS = {("train", "shuffle_buffer")}
 
 
 # fsspec storage options that carry credentials (s3fs, gcsfs, adlfs names), matched case-insensitively.
@@ -162,7 +164,11 @@ def read_run_config(run_dir: str, storage: StorageConfig | None = None) -> Confi
     uri = io.join(run_dir, RUN_CONFIG)
     if not io.exists(uri, storage):
         raise StageError(f"{run_dir}: no config.yaml; is this a run directory (`rpg-dist run`)?")
-    return config_from_dict(configlib.load_yaml_text(io.read_text(uri, storage), uri), uri)
+    data = configlib.load_yaml_text(io.read_text(uri, storage), uri)
+    for section, key in RETIRED_SETTINGS:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    return config_from_dict(data, uri)
 
 
 def with_absolute_paths(cfg: Config) -> Config:

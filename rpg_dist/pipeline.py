@@ -27,7 +27,7 @@ MANIFEST_VERSION = 1
 # Train settings that change how a run is executed, not what it computes.
 _OPERATIONAL_TRAIN_FIELDS = (
     "log_every", "max_failures", "cpus_per_worker", "launcher", "torch_threads", "reuse_freed_memory",
-    "keep_checkpoints", "checkpoint_every", "resume", "shuffle_buffer",
+    "keep_checkpoints", "checkpoint_every", "resume",
 )
 
 

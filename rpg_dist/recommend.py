@@ -19,10 +19,10 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
 from rpg_dist.decode.scoring import full_ranking_topk
-from rpg_dist.errors import DataError, StageError
+from rpg_dist.errors import DataError
 
 if TYPE_CHECKING:
-    from rpg_dist.config import Config, StorageConfig
+    from rpg_dist.config import StorageConfig
 
 PAD = -1
 

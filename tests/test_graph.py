@@ -16,7 +16,8 @@ from rpg_dist.graph.builder import build_item_graph
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import balanced_assign, cross_fraction, neighbor_counts
-from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, offset_codes, pair_sums, query_tables
+from rpg_dist.decode.scoring import offset_codes
+from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, pair_sums, query_tables
 from rpg_dist.graph.stage import build_graph
 from rpg_dist.graph.store import load_graph, read_manifest
 from rpg_dist.graph.synthetic import clustered_codes, random_token_table

@@ -65,21 +65,69 @@ def test_collate_windows_matches_per_window_loop():
         assert batch["lengths"][b] == len(inputs)
 
 
-def test_block_shards_partition_rows_and_steps_agree(tmp_path):
-    n, micro, world = 1003, 16, 3
-    table = pa.table({"row": pa.array(np.arange(n))})
+def _row_folder(tmp_path, n: int) -> str:
+    """Windows 0..n-1 in two parquet files; window ``i`` is items [i, i] and column ``row`` is i."""
+    rows = np.arange(n)
+    table = pa.table({"row": pa.array(rows), "items": pa.array([[i, i] for i in rows.tolist()], windows.LIST_INT32),
+                      "n_targets": pa.array(np.ones(n, np.int32))})
     uri = str(tmp_path / "rows")
-    io.write_parquet(table.slice(0, 500), f"{uri}/part-00000.parquet")
-    io.write_parquet(table.slice(500), f"{uri}/part-00001.parquet")
-    shards = [windows.read_block_shard(uri, r, world, micro).column("row").to_numpy() for r in range(world)]
-    assert sorted(np.concatenate(shards).tolist()) == list(range(n))
-    for r, rows in enumerate(shards):
-        assert ((rows // micro) % world == r).all()
-    steps = windows.micro_batches_per_epoch(n, world, micro, 1, "torchrun")
-    assert steps == min(math.ceil(len(s) / micro) for s in shards)
+    io.write_parquet(table.slice(0, n // 2), f"{uri}/part-00000.parquet")
+    io.write_parquet(table.slice(n // 2), f"{uri}/part-00001.parquet")
+    return uri
+
+
+def test_epoch_batches_deal_each_window_once_per_epoch_in_a_new_order(tmp_path):
+    n, micro, world = 960, 16, 3  # 60 micro-batches: 20 per rank, no tail
+    uri = _row_folder(tmp_path, n)
+    n_micro = windows.micro_batches_per_epoch(n, world, micro, 1)
+    assert n_micro == 20
+    seen = {}
+    for epoch in (0, 1):
+        ranks = [windows.EpochBatches(uri, None, n, micro, n_micro, seed=5, rank=r, world=world, shuffle=True)
+                 for r in range(world)]
+        rows = [read_rows_of(rank, epoch) for rank in ranks]
+        # The micro-batches a rank trains on are those rows, in that order.
+        for rank, got in zip(ranks, rows):
+            batches = [b["items"][:, 0].numpy() for b in rank.epoch(epoch)]
+            assert len(batches) == n_micro
+            np.testing.assert_array_equal(np.concatenate(batches), got)
+        # Every window exactly once per epoch, over all ranks.
+        assert sorted(np.concatenate(rows).tolist()) == list(range(n))
+        # Global step s is the epoch order's positions [s * micro * world, (s + 1) * micro * world).
+        order = np.random.default_rng([5, epoch]).permutation(n)
+        step3 = np.concatenate([r[3 * micro : 4 * micro] for r in rows])
+        assert sorted(step3.tolist()) == sorted(order[3 * micro * world : 4 * micro * world].tolist())
+        seen[epoch] = np.concatenate(rows)
+    assert not np.array_equal(seen[0], seen[1])  # a new order each epoch
+    # Resuming mid-epoch skips exactly the micro-batches already taken.
+    rank = windows.EpochBatches(uri, None, n, micro, n_micro, seed=5, rank=1, world=world, shuffle=True)
+    assert len(list(rank.epoch(1, skip=7))) == n_micro - 7
+
+
+def read_rows_of(batches: windows.EpochBatches, epoch: int) -> np.ndarray:
+    """The rows a rank reads for ``epoch``, checked against a whole-table read (the brute-force twin)."""
+    rows = batches.epoch_rows(epoch)
+    got = windows.read_rows(batches.uri, rows).column("row").to_numpy()
+    whole = pa.concat_tables([pa.Table.from_batches([b]) for _, b in io.iter_parquet(batches.uri)])
+    np.testing.assert_array_equal(got, whole.column("row").to_numpy()[rows])
+    return got
+
+
+def test_epoch_batches_without_shuffle_deal_file_order_and_steps_agree(tmp_path):
+    n, micro, world = 1003, 16, 3
+    uri = _row_folder(tmp_path, n)
+    n_micro = windows.micro_batches_per_epoch(n, world, micro, 1)
+    rows = [read_rows_of(windows.EpochBatches(uri, None, n, micro, n_micro, seed=0, rank=r, world=world,
+                                              shuffle=False), 0) for r in range(world)]
+    assert n_micro == math.ceil(n / micro) // world == 21
+    for r, got in enumerate(rows):
+        assert ((got // micro) % world == r).all()
+    # 63 micro-batches, the last one short (11 rows): all 1003 rows are dealt.
+    assert [len(got) for got in rows] == [336, 336, 331]
     # Global step s of a shuffle-free run holds rows [s * micro * world, (s + 1) * micro * world).
-    step1 = np.concatenate([s[micro : 2 * micro] for s in shards])
+    step1 = np.concatenate([r[micro : 2 * micro] for r in rows])
     assert sorted(step1.tolist()) == list(range(micro * world, 2 * micro * world))
+    assert windows.micro_batches_per_epoch(n, world, micro, 4) == 20
     val = [windows.read_range_shard(uri, r, world).column("row").to_numpy() for r in range(world)]
     assert np.concatenate(val).tolist() == list(range(n))
 
@@ -208,12 +256,12 @@ def test_train_config_rules_name_the_field():
 def test_ray_resource_request_that_would_hang_is_refused(tmp_path):
     from rpg_dist.train.ray_launcher import _check_resources
 
-    cfg = debug_config("d", str(tmp_path), "train.launcher=ray", "train.num_workers=2", "train.cpus_per_worker=1")
-    # 2 workers x 1 CPU fill a 2-CPU cluster: Ray Data's read tasks would wait forever.
+    cfg = debug_config("d", str(tmp_path), "train.launcher=ray", "train.num_workers=2", "train.cpus_per_worker=1.5")
+    # 2 workers x 1.5 CPU never fit a 2-CPU cluster: Ray would wait for them forever.
     with pytest.raises(StageError, match="train.cpus_per_worker"):
         _check_resources(cfg, {"CPU": 2.0})
     _check_resources(debug_config("d", str(tmp_path), "train.launcher=ray", "train.num_workers=2",
-                                  "train.cpus_per_worker=0.5"), {"CPU": 2.0})
+                                  "train.cpus_per_worker=1"), {"CPU": 2.0})
 
 
 @pytest.mark.parametrize("block", [10_000, 97])

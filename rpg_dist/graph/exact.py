@@ -7,12 +7,12 @@ is descending similarity, ties by ascending item row; an item is never its own n
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from rpg_dist.decode.blocktopk import MIN_KEY, RunningTopK
 from rpg_dist.decode.topk import key_rows
-from rpg_dist.graph.similarity import block_sums, offset_codes, query_tables
+from rpg_dist.decode.scoring import offset_codes
+from rpg_dist.graph.similarity import block_sums, query_tables
 
 # Items scored per chunk: Q x C float32 sums stay around 4 MB for Q = 64.
 DEFAULT_CHUNK = 16_384

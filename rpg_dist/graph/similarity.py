@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
-from rpg_dist.decode.scoring import offset_codes  # noqa: F401 - re-exported for the graph builders
 
 
 def digit_similarity_tables(token_embeddings: torch.Tensor) -> torch.Tensor:

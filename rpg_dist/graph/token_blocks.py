@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from rpg_dist.decode.blocktopk import RunningTopK
 from rpg_dist.graph.exact import QUERY_BLOCK, keys_to_rows
-from rpg_dist.graph.similarity import block_sums, offset_codes, query_tables
+from rpg_dist.decode.scoring import offset_codes
+from rpg_dist.graph.similarity import block_sums, query_tables
 
 
 @dataclass

@@ -44,8 +44,9 @@ class TrainConfig:
     # weights, fp32 master copy). "bf16-autocast": fp32 weights and optimizer, bf16 matmuls under
     # torch.autocast (about 2x faster on CPUs with avx512_bf16).
     precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-autocast"] = "auto"
-    # Reshuffle each worker's windows every epoch (seeded by seed and epoch). Off only for tests that
-    # compare launchers step by step.
+    # A new order of all the windows every epoch (seeded by seed and epoch), dealt to the workers:
+    # the same batches under every launcher (windows.EpochBatches). Off only for tests that compare
+    # runs step by step in file order.
     shuffle: bool = True
     eval_every: int = 1
     # Validation users: a seeded sample of this many (0: all), so that a validation pass costs
@@ -66,12 +67,10 @@ class TrainConfig:
     resume: bool = True
     # Ray Train restarts of the worker group after a worker dies (resuming from the last checkpoint).
     max_failures: int = 1
-    # Windows in Ray Data's per-worker shuffle buffer (launcher "ray").
-    shuffle_buffer: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "batch_size", "epochs", "eval_every", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "shuffle_buffer"):
+                     "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         micro = self.micro_batch_size or self.batch_size // self.num_workers

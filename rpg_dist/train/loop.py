@@ -66,7 +66,7 @@ class Trainer:
         model = self._build_models()
         self.micro_per_epoch = windows.micro_batches_per_epoch(
             self.manifest["n_windows"], runtime.world_size, self.tc.micro_batch,
-            self.tc.grad_accum_steps, runtime.launcher,
+            self.tc.grad_accum_steps,
         )
         if self.micro_per_epoch < 1:
             raise StageError(f"train.batch_size: {self.tc.batch_size} leaves no full step per epoch "
@@ -107,17 +107,13 @@ class Trainer:
         self.identity = model_metadata(model, fingerprint)
         return model
 
-    def _train_source(self):
-        """This rank's micro-batches: Ray Data's shard under Ray Train, else its parquet blocks."""
-        common = dict(micro=self.tc.micro_batch, n_micro=self.micro_per_epoch, seed=self.cfg.seed,
-                      rank=self.rt.rank, shuffle=self.tc.shuffle)
-        if self.rt.dataset_shard is not None:
-            from rpg_dist.train.ray_data import RayShardBatches
-
-            return RayShardBatches(self.rt.dataset_shard, buffer=self.tc.shuffle_buffer, **common)
-        uri = windows.WindowsPaths(self.paths.windows).train
-        shard = windows.read_block_shard(uri, self.rt.rank, self.rt.world_size, self.tc.micro_batch, self.storage)
-        return windows.ShardBatches(shard, **common)
+    def _train_source(self) -> windows.EpochBatches:
+        """This rank's micro-batches, read from the run's windows under every launcher."""
+        return windows.EpochBatches(
+            windows.WindowsPaths(self.paths.windows).train, self.storage, self.manifest["n_windows"],
+            micro=self.tc.micro_batch, n_micro=self.micro_per_epoch, seed=self.cfg.seed,
+            rank=self.rt.rank, world=self.rt.world_size, shuffle=self.tc.shuffle,
+        )
 
     def layout(self) -> dict[str, Any]:
         """What a checkpoint's optimizer partitioning and data position depend on."""

@@ -1,7 +1,8 @@
 """Launcher "ray": the train loop on Ray Train workers (TorchTrainer, DeepSpeed inside each worker).
 
 The driver prepares the windows, then starts ``num_workers`` workers with
-``resources_per_worker={"CPU": cpus_per_worker}``. Fault tolerance: with
+``resources_per_worker={"CPU": cpus_per_worker}``; each reads its share of every epoch from the
+run's windows (windows.EpochBatches), as under torchrun, so both launchers train on the same batches. Fault tolerance: with
 ``FailureConfig(max_failures)``, Ray Train restarts the worker group when a worker dies, and the
 loop resumes from the newest complete checkpoint under ``RUN_DIR/checkpoints`` (the same resume path
 as re-running ``rpg-dist train``). Ray's own storage only holds its run bookkeeping.
@@ -16,16 +17,11 @@ import time
 from typing import Any
 
 from rpg_dist import configlib, io
-from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import Config, config_from_dict, public_config
 from rpg_dist.errors import StageError
 from rpg_dist.raycluster import init_ray
-from rpg_dist.train.windows import WindowsPaths
 
 log = logging.getLogger(__name__)
-
-# CPUs each Ray Data read task asks for: small, so reads always fit beside the training workers.
-READ_TASK_CPUS = 0.25
 
 
 def run_ray(cfg: Config) -> dict[str, Any]:
@@ -52,7 +48,6 @@ def run_ray(cfg: Config) -> dict[str, Any]:
             storage_path=_ray_storage(cfg.run_dir),
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
-        datasets={"train": _windows_dataset(cfg)},
     )
     result = trainer.fit()
     if result.error is not None:
@@ -83,33 +78,14 @@ def _worker(loop_config: dict[str, Any]) -> None:
     train_loop(ray_runtime(cfg.train.use_gpu), cfg)
 
 
-def _windows_dataset(cfg: Config):
-    import ray
-
-    # Progress bars of the per-epoch streaming split would flood the driver's log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    uri = WindowsPaths(RunPaths(cfg.run_dir).windows).train
-    fs, path = io.arrow_filesystem(uri, cfg.storage)
-    # Ray Data's V2 parquet read plans a ListFiles task that always asks for a whole CPU (no
-    # num_cpus knob reaches it): on nodes whose spare CPU is a fraction, e.g. a 1-CPU raylet beside a
-    # 0.6-CPU training worker, it never schedules and training waits forever. The V1 read has no
-    # such task; a dataset keeps the context it was created with, so the switch is local to it.
-    context = ray.data.DataContext.get_current()
-    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(path, filesystem=fs, num_cpus=READ_TASK_CPUS)
-    finally:
-        context.use_datasource_v2 = use_v2
-
-
 def _check_resources(cfg: Config, cluster: dict[str, float]) -> None:
     """Fail fast where the request could never be scheduled (Ray would wait forever, STACK-NOTES)."""
     tc = cfg.train
-    need = tc.num_workers * tc.cpus_per_worker + READ_TASK_CPUS
+    need = tc.num_workers * tc.cpus_per_worker
     if cluster.get("CPU", 0.0) < need:
         raise StageError(
-            f"train.cpus_per_worker: {tc.num_workers} workers x {tc.cpus_per_worker} CPU plus "
-            f"{READ_TASK_CPUS} for data reads need {need} CPUs, but the Ray cluster has "
+            f"train.cpus_per_worker: {tc.num_workers} workers x {tc.cpus_per_worker} CPU "
+            f"need {need} CPUs, but the Ray cluster has "
             f"{cluster.get('CPU', 0.0)}; lower train.cpus_per_worker (fractions are fine) or raise ray.num_cpus"
         )
     if tc.use_gpu and cluster.get("GPU", 0.0) < tc.num_workers:

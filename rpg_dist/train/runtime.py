@@ -26,7 +26,6 @@ class Runtime:
 
     report: sends a metrics dict to the launcher after each validation (Ray Train's report, or a
         no-op); every rank calls it the same number of times.
-    dataset_shard: Ray Data's per-worker iterator under Ray Train; None means read the parquet shard.
     """
 
     launcher: str
@@ -35,7 +34,6 @@ class Runtime:
     local_world_size: int
     device: torch.device
     report: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
-    dataset_shard: Any = None
     # The machine this rank runs on: the Ray node id under Ray Train, else the host name.
     node_id: str = field(default_factory=socket.gethostname)
 
@@ -175,7 +173,6 @@ def ray_runtime(use_gpu: bool) -> Runtime:
         local_world_size=context.get_local_world_size(),
         device=device_for(use_gpu, context.get_local_rank()),
         report=lambda metrics: ray.train.report(metrics),
-        dataset_shard=ray.train.get_dataset_shard("train"),
         node_id=ray.get_runtime_context().get_node_id(),
     )
 

@@ -269,21 +269,25 @@ def _dense_lists(lists: pa.Array | pa.ChunkedArray, index: ItemIndex, what: str,
 # ---- reading a rank's shard ------------------------------------------------------------------
 
 
-def read_block_shard(uri: str, rank: int, world: int, block: int, storage: StorageConfig | None = None) -> pa.Table:
-    """Rows of blocks ``rank, rank + world, ...`` (``block`` rows each), streamed file by file.
+def read_rows(uri: str, rows: np.ndarray, storage: StorageConfig | None = None) -> pa.Table:
+    """Rows ``rows`` (global indices, any order, no repeats) of a parquet folder, in that order.
 
-    Memory holds the shard plus one record batch, never the whole table.
+    Streamed file by file: memory holds the selected rows plus one record batch.
     """
+    wanted = np.sort(rows)
     kept, seen = [], 0
     for _, batch in io.iter_parquet(uri, storage):
-        rows = seen + np.arange(batch.num_rows)
-        mask = (rows // block) % world == rank
-        if mask.any():
-            kept.append(pa.Table.from_batches([batch]).filter(pa.array(mask)))
+        lo, hi = np.searchsorted(wanted, [seen, seen + batch.num_rows])
+        if hi > lo:
+            kept.append(pa.Table.from_batches([batch]).take(pa.array(wanted[lo:hi] - seen)))
         seen += batch.num_rows
-    if not kept:
-        raise ValueError(f"{uri}: no rows for rank {rank} of {world} (only {seen} rows)")
-    return pa.concat_tables(kept).combine_chunks()
+    if len(wanted) and wanted[-1] >= seen:
+        raise ValueError(f"{uri}: row {int(wanted[-1])} asked for, but the folder has {seen} rows")
+    table = pa.concat_tables(kept).combine_chunks() if kept else None
+    # table holds the rows sorted; position of rows[j] in that order is rank[j].
+    rank = np.empty(len(rows), np.int64)
+    rank[np.argsort(rows, kind="stable")] = np.arange(len(rows))
+    return table.take(pa.array(rank)) if table is not None else table
 
 
 def read_range_shard(uri: str, rank: int, world: int, storage: StorageConfig | None = None) -> pa.Table:
@@ -308,20 +312,13 @@ def _num_rows(uri: str, storage: StorageConfig | None) -> int:
         return pq.ParquetFile(handle).metadata.num_rows
 
 
-def micro_batches_per_epoch(n_rows: int, world: int, micro: int, accum: int, launcher: str) -> int:
+def micro_batches_per_epoch(n_rows: int, world: int, micro: int, accum: int) -> int:
     """Micro-batches every rank runs per epoch: equal on all ranks, a multiple of ``accum``.
 
-    torchrun/local shards are blocks of ``micro`` rows dealt round-robin; Ray Data's equal split
-    gives each rank ``n_rows // world`` rows. Ranks stop at the shortest shard.
+    An epoch's ``ceil(n_rows / micro)`` micro-batches are dealt to the ranks round-robin
+    (`EpochBatches`); ranks stop at the shortest share.
     """
-    if launcher == "ray":
-        per_rank = np.full(world, n_rows // world)
-    else:
-        n_blocks = -(-n_rows // micro)
-        sizes = np.full(n_blocks, micro)
-        sizes[-1] = n_rows - (n_blocks - 1) * micro
-        per_rank = np.bincount(np.arange(n_blocks) % world, weights=sizes, minlength=world)
-    micro_steps = int(min(-(-per_rank // micro)))
+    micro_steps = -(-n_rows // micro) // world
     return micro_steps - micro_steps % accum
 
 
@@ -375,23 +372,37 @@ def collate_histories(table: pa.Table) -> dict[str, torch.Tensor]:
     }
 
 
-class ShardBatches:
-    """Epoch-seeded micro-batches over one rank's in-memory shard (torchrun / local launchers)."""
+class EpochBatches:
+    """One rank's micro-batches: every epoch a new order of all the windows, the same under every
+    launcher.
 
-    def __init__(self, shard: pa.Table, micro: int, n_micro: int, seed: int, rank: int, shuffle: bool) -> None:
-        self.shard, self.micro, self.n_micro = shard, micro, n_micro
-        self.seed, self.rank, self.shuffle = seed, rank, shuffle
+    Epoch ``e`` permutes all ``n_rows`` windows with a generator seeded by (seed, e), cuts the order
+    into micro-batches of ``micro`` and deals them round-robin: rank ``r`` runs micro-batches
+    ``r, r + world, ...``, so global step ``s`` holds the order's positions
+    ``[s * micro * world * accum, (s + 1) * ...)`` whatever the launcher, and the ranks together see
+    each window once per epoch (bar the tail cut so that all ranks run ``n_micro``). The rank reads
+    its share of the epoch again each epoch: memory is that share, never the whole table.
+    """
+
+    def __init__(self, uri: str, storage: StorageConfig | None, n_rows: int, micro: int, n_micro: int,
+                 seed: int, rank: int, world: int, shuffle: bool) -> None:
+        self.uri, self.storage, self.n_rows = uri, storage, n_rows
+        self.micro, self.n_micro = micro, n_micro
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Global row indices this rank trains on in ``epoch``, in order: (<= n_micro * micro,)."""
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_rows) if self.shuffle
+                 else np.arange(self.n_rows))
+        batches = self.rank + self.world * np.arange(self.n_micro)  # (n_micro,) global micro-batch ids
+        positions = (batches[:, None] * self.micro + np.arange(self.micro)).ravel()
+        return order[positions[positions < self.n_rows]]
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The ``n_micro`` micro-batches of ``epoch``, starting after the first ``skip``."""
-        n = len(self.shard)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(n)
-        else:
-            order = np.arange(n)
+        table = read_rows(self.uri, self.epoch_rows(epoch), self.storage)
         for i in range(skip, self.n_micro):
-            rows = order[i * self.micro : (i + 1) * self.micro]
-            yield collate_windows(self.shard.take(pa.array(rows)))
+            yield collate_windows(table.slice(i * self.micro, self.micro))
 
 
 def history_batches(table: pa.Table | None, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
