@@ -59,7 +59,7 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 
 
 def build_engine(model: RPG, cfg: TrainConfig, total_steps: int):
-    """``deepspeed.initialize`` with AdamW and the warmup + cosine schedule.
+    """``deepspeed.initialize`` with AdamW and the warmup + cosine schedule over ``total_steps``.
 
     Returns:
         The DeepSpeed engine (it owns the optimizer and steps the scheduler at each optimizer step).
@@ -70,7 +70,7 @@ def build_engine(model: RPG, cfg: TrainConfig, total_steps: int):
         model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_for(total_steps), total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )

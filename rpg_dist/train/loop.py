@@ -348,6 +348,8 @@ class Trainer:
             "val_seconds": round(sum(h.get("val_seconds", 0.0) for h in s.history), 2),
             "seq_per_s": round(sequences / max(self.train_seconds, 1e-9), 1), "world_size": self.rt.world_size,
             "zero_stage": self.tc.zero_stage, "precision": engine_lib.resolved_precision(self.tc),
+            "steps_per_epoch": self.steps_per_epoch,
+            "warmup_steps": self.tc.warmup_for(self.steps_per_epoch * self.tc.epochs),
             "torch_threads": self.threads, "worker_node_ids": [w["node_id"] for w in self.workers],
         }
 
