@@ -20,11 +20,11 @@ from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
 from rpg_dist.decode.scoring import full_ranking_topk
 from rpg_dist.errors import DataError
+from rpg_dist.model.rpg import right_pad
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
 
-PAD = -1
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,7 @@ class Recommender:
         trimmed = [h[-self.max_seq_len :] for h in histories]
         lengths = np.array([len(h) for h in trimmed])
         rows = self.index.rows(np.concatenate([np.asarray(h, np.int64) for h in trimmed]), what="history")
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        items = np.full((len(trimmed), lengths.max()), PAD, np.int64)
-        items[np.repeat(np.arange(len(trimmed)), lengths), np.arange(len(rows)) - starts] = rows
-        return torch.from_numpy(items), torch.from_numpy(lengths)
+        return torch.from_numpy(right_pad(rows, lengths)), torch.from_numpy(lengths)
 
 
 def _titles(items, index) -> np.ndarray:

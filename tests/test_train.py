@@ -48,6 +48,17 @@ def logged_losses(run_dir: str, storage=None) -> list[float]:
 # ---- data: vectorised paths against loops -----------------------------------------------------
 
 
+def test_right_pad_matches_a_per_row_loop():
+    from rpg_dist.model.rpg import right_pad
+
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 99, n).tolist() for n in rng.integers(1, 9, 30)]
+    padded = right_pad(np.concatenate(rows), [len(r) for r in rows])
+    assert padded.shape == (30, max(len(r) for r in rows)) and padded.dtype == np.int64
+    for got, row in zip(padded.tolist(), rows):
+        assert got == row + [PAD] * (padded.shape[1] - len(row))
+
+
 def test_collate_windows_matches_per_window_loop():
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 12, 40)

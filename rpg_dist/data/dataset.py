@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rpg_dist import io
+from rpg_dist.data.items import sorted_lookup
 from rpg_dist.errors import DataError
 
 if TYPE_CHECKING:
@@ -233,8 +234,7 @@ def _check_sequences(table: pa.Table, known: np.ndarray, origin: str, first_row:
         user = table.column("user_id")[row].as_py()
         raise DataError(f"{origin}: row {first_row + row} (user {user}): field 'item_ids' holds a null")
     values = flat.to_numpy()
-    pos = np.clip(np.searchsorted(known, values), 0, len(known) - 1)
-    unknown = np.flatnonzero(known[pos] != values)
+    unknown = np.flatnonzero(~sorted_lookup(known, values)[1])
     if len(unknown):
         row = int(pc.list_parent_indices(lists).to_numpy()[unknown[0]])
         user = table.column("user_id")[row].as_py()

@@ -42,15 +42,20 @@ class ItemIndex:
 
     def find(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, known)`` of ``item_ids`` (any shape): rows are meaningful where ``known``."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        if len(self.item_ids) == 0:
-            return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
-        pos = np.clip(np.searchsorted(self.item_ids, ids), 0, len(self.item_ids) - 1)
-        return pos, self.item_ids[pos] == ids
+        return sorted_lookup(self.item_ids, np.asarray(item_ids, dtype=np.int64))
 
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Item ids of dense ``rows`` (any shape)."""
         return self.item_ids[np.asarray(rows)]
+
+
+def sorted_lookup(sorted_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions, known)`` of ``values`` (any shape) in ascending ``sorted_ids``; positions are
+    meaningful where ``known``. The one membership lookup (ItemIndex uses it too)."""
+    if len(sorted_ids) == 0:
+        return np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
+    pos = np.clip(np.searchsorted(sorted_ids, values), 0, len(sorted_ids) - 1)
+    return pos, sorted_ids[pos] == values
 
 
 def repeats(values: np.ndarray) -> np.ndarray:

@@ -32,12 +32,12 @@ from rpg_dist.decode.graph_decode import GraphDecoder, history_start_items, popu
 from rpg_dist.decode.scoring import full_ranking_topk
 from rpg_dist.errors import ConfigError
 from rpg_dist.evaluation.metrics import ranking_metrics
+from rpg_dist.model.rpg import right_pad
 
 if TYPE_CHECKING:
     from rpg_dist.config import Config
 
 log = logging.getLogger(__name__)
-PAD = -1
 
 
 @dataclass
@@ -51,12 +51,8 @@ class Queries:
         """(items (B, T) right-padded with -1, lengths (B,), targets (B,)) in query order."""
         for lo in range(0, len(self.targets), batch_size):
             chunk = self.histories.slice(lo, batch_size)
-            offsets = chunk.offsets.to_numpy().astype(np.int64)
-            lengths = np.diff(offsets)
-            values = chunk.flatten().to_numpy()
-            items = np.full((len(lengths), int(lengths.max())), PAD, np.int64)
-            column = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
-            items[np.repeat(np.arange(len(lengths)), lengths), column] = values
+            lengths = np.diff(chunk.offsets.to_numpy().astype(np.int64))
+            items = right_pad(chunk.flatten().to_numpy(), lengths)
             yield torch.from_numpy(items), torch.from_numpy(lengths), self.targets[lo : lo + batch_size]
 
 

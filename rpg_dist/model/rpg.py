@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +27,19 @@ from rpg_dist.model.config import ModelConfig
 # Item tensors are right-padded; positions at or after a sequence's length are never read, and by
 # convention hold PAD. In `targets`, PAD marks a position without a label.
 PAD = -1
+
+
+def right_pad(values, lengths):
+    """Concatenated sequences -> (B, T) int64 rows right-padded with PAD, T = longest length.
+
+    values: (sum(lengths),) the sequences one after another; lengths: (B,) each >= 1 (numpy).
+    """
+    lengths = np.asarray(lengths, np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)  # (P,)
+    pos = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # (P,)
+    items = np.full((len(lengths), int(lengths.max())), PAD, np.int64)
+    items[row, pos] = values
+    return items
 
 
 # Sequences per attention grid: the batch is sorted by length and cut into groups of this many, each

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rpg_dist import io
+from rpg_dist.data.items import sorted_lookup
 from rpg_dist.errors import DataError, RpgDistError
 from rpg_dist.tokenizer import shards
 from rpg_dist.tokenizer.embed import read_embeddings
@@ -161,8 +162,7 @@ def gather_sample(part_uris: list[str], sample_ids: np.ndarray, storage: Storage
     ids_found, rows = [], []
     for uri in part_uris:
         item_ids, emb = read_embeddings(uri, storage)
-        pos = np.clip(np.searchsorted(sample_ids, item_ids), 0, max(len(sample_ids) - 1, 0))
-        hit = sample_ids[pos] == item_ids if len(sample_ids) else np.zeros(len(item_ids), bool)
+        hit = sorted_lookup(sample_ids, item_ids)[1]
         ids_found.append(item_ids[hit])
         rows.append(emb[hit])
     ids = np.concatenate(ids_found) if ids_found else np.empty(0, np.int64)

@@ -31,7 +31,7 @@ from rpg_dist.data import dataset as ds
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import MIN_SEQUENCE_LENGTH, leave_one_out, training_windows
 from rpg_dist.errors import DataError
-from rpg_dist.model.rpg import PAD
+from rpg_dist.model.rpg import PAD, right_pad
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
@@ -243,9 +243,7 @@ def _check_covered(sequences: pa.Table, index: ItemIndex, dataset_uri: str, sema
     """
     lists = sequences.column("item_ids").combine_chunks()
     values = pc.list_flatten(lists).to_numpy()
-    known = index.item_ids
-    pos = np.clip(np.searchsorted(known, values), 0, max(len(known) - 1, 0))
-    unknown = np.flatnonzero(known[pos] != values) if len(known) else np.arange(len(values))
+    unknown = np.flatnonzero(~index.find(values)[1])
     if len(unknown):
         row = int(pc.list_parent_indices(lists).to_numpy()[unknown[0]])
         raise DataError(
@@ -358,13 +356,8 @@ def collate_windows(table: pa.Table) -> dict[str, torch.Tensor]:
 def collate_histories(table: pa.Table) -> dict[str, torch.Tensor]:
     """Validation examples -> items (B, T) with PAD, lengths (B,), target (B,)."""
     lists = table.column("history").combine_chunks()
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    values = lists.flatten().to_numpy().astype(np.int64)
-    lengths = np.diff(offsets)
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    pos = np.arange(len(row)) - np.repeat(offsets[:-1] - offsets[0], lengths)
-    items = np.full((len(lengths), int(lengths.max())), PAD, np.int64)
-    items[row, pos] = values
+    lengths = np.diff(lists.offsets.to_numpy().astype(np.int64))
+    items = right_pad(lists.flatten().to_numpy(), lengths)
     return {
         "items": torch.from_numpy(items),
         "lengths": torch.from_numpy(lengths),
