@@ -26,13 +26,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from common import PeakMemory, machine, timed  # noqa: E402
 
-from rpg_dist.decode.graph_decode import GraphDecoder, graph_decode_reference, random_start_items  # noqa: E402
+from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items  # noqa: E402
 from rpg_dist.decode.scoring import candidate_scores  # noqa: E402
 from rpg_dist.decode.sharded import ShardedGraphDecoder  # noqa: E402
 from rpg_dist.graph.synthetic import random_token_table, taxonomy_codes  # noqa: E402
+from twins import graph_decode_reference  # noqa: E402 (tests/twins.py)
 
 
 class LazyRows:
@@ -75,7 +77,7 @@ def paper_loop(log_probs, codes, neighbors: torch.Tensor, start, num_beams: int,
         beam = start[query]
         for _ in range(steps):
             cand = torch.unique(torch.cat([beam, neighbors[beam].flatten().long()]))
-            scores = candidate_scores(lp, codes, cand.unsqueeze(0))[0]
+            scores = candidate_scores(lp, codes, cand.unsqueeze(0))[0]  # (C,), item-major codes
             beam = cand[torch.topk(scores, num_beams).indices]
         beams.append(beam)
     return torch.stack(beams)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from twins import full_ranking_reference
+from twins import full_ranking_reference, graph_decode_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +13,6 @@ from rpg_dist.decode.graph_decode import (
     history_start_items,
     GraphDecoder,
     count_distinct,
-    graph_decode_reference,
     popular_start_items,
     random_start_items,
 )
@@ -69,6 +68,7 @@ def test_candidate_and_pair_scores_are_bit_identical_to_item_scores():
     dense = item_scores(log_probs, codes)  # (B, N)
     rows = torch.randint(0, 300, (5, 77))
     assert torch.equal(candidate_scores(log_probs, codes, rows), dense.gather(1, rows))
+    assert torch.equal(candidate_scores(log_probs, codes.t().contiguous(), rows, row_major=False), dense.gather(1, rows))
     queries = torch.randint(0, 5, (123,))
     items = torch.randint(0, 300, (123,))
     assert torch.equal(pair_scores(log_probs, queries, codes[items]), dense[queries, items])

@@ -51,8 +51,13 @@ def test_queries_pad_histories():
     assert items2.tolist() == [[5, 9, 2]] and lengths2.tolist() == [3]
 
 
-def _tiny_trained_run(run_dir: str, dataset: str, n_digit: int = 8) -> RPG:
-    """Semantic IDs for every item and a (randomly initialised) RPG saved with the export API."""
+def _tiny_untrained_run(run_dir: str, dataset: str, n_digit: int = 8) -> RPG:
+    """A run folder with clustered semantic IDs for every item and an untrained tiny RPG (seeded
+    random weights) saved with the export API; returns the model.
+
+    The callers compare evaluation paths with each other or with brute force on the same weights,
+    so the weights need not be trained.
+    """
     item_ids = read_sequences(dataset).column("item_ids").combine_chunks().flatten().to_numpy()
     from rpg_dist.data.dataset import read_items
 
@@ -97,7 +102,7 @@ def _brute_force_full_ranking(model: RPG, dataset: str, index: ItemIndex, split:
 
 def test_evaluate_end_to_end(tmp_path, synth_dataset, ray_local):
     run_dir = str(tmp_path / "run")
-    model = _tiny_trained_run(run_dir, synth_dataset)
+    model = _tiny_untrained_run(run_dir, synth_dataset)
     io.write_json(RunPaths(run_dir).metrics, {"train": {"best_epoch": 3}})
     cfg = _cfg(run_dir, synth_dataset)
     build_graph(cfg)
@@ -126,7 +131,7 @@ def test_evaluate_end_to_end(tmp_path, synth_dataset, ray_local):
 def test_graph_decoding_with_every_item_in_the_beam_equals_full_ranking(tmp_path, synth_dataset, ray_local):
     # b = N: the beam holds the whole catalogue, so decoding must rank exactly like full ranking.
     run_dir = str(tmp_path / "run")
-    _tiny_trained_run(run_dir, synth_dataset)
+    _tiny_untrained_run(run_dir, synth_dataset)
     n_items = read_info(synth_dataset).n_items
     cfg = _cfg(run_dir, synth_dataset, num_beams=n_items, steps=1, batch_size=64)
     build_graph(cfg)
@@ -140,7 +145,7 @@ def test_graph_decoding_with_every_item_in_the_beam_equals_full_ranking(tmp_path
 
 def test_evaluate_sharded_equals_in_process(tmp_path, synth_dataset, ray_local):
     run_dir = str(tmp_path / "run")
-    _tiny_trained_run(run_dir, synth_dataset)
+    _tiny_untrained_run(run_dir, synth_dataset)
     cfg = _cfg(run_dir, synth_dataset)
     build_graph(cfg)
     local = evaluate(cfg)

@@ -42,3 +42,93 @@ def full_ranking_reference(log_probs: torch.Tensor, codes: torch.Tensor, k: int)
     scores = total / codes.shape[1]
     order = torch.sort(scores + 0.0, dim=1, descending=True, stable=True).indices[:, :k]
     return order, scores.gather(1, order)
+
+
+# ---- the paper's graph decoding, written from the reference code's `graph_propagation` ----------
+
+
+def paper_adjacency(token_embeddings: torch.Tensor, codes: torch.Tensor, n_edges: int) -> torch.Tensor:
+    """The reference's graph: the dense (N, N) matrix of mean_k (1 + cos(e_k[a_k], e_k[b_k])) / 2,
+    then ``topk(n_edges)`` per row, so each item is its own first neighbour (self-similarity is the
+    maximum). token_embeddings: (m, V, d); codes: (N, m). Returns (N, n_edges) int64."""
+    table = torch.nn.functional.normalize(token_embeddings.float(), dim=-1)
+    sims = 0.5 * (torch.bmm(table, table.transpose(1, 2)) + 1.0)  # (m, V, V)
+    codes = codes.long()
+    total = torch.zeros(codes.shape[0], codes.shape[0])
+    for k in range(codes.shape[1]):
+        total += sims[k].index_select(0, codes[:, k]).index_select(1, codes[:, k])
+    return torch.topk(total / codes.shape[1], k=n_edges, dim=-1).indices
+
+
+def paper_graph_decode(log_probs: torch.Tensor, codes: torch.Tensor, adjacency: torch.Tensor,
+                       start: torch.Tensor, steps: int) -> tuple[list[list[int]], list[int]]:
+    """The reference's loop: the beam is ``start`` (drawn with replacement, unsorted); each step the
+    candidates are the distinct neighbours of the beam (the beam itself only through self-edges),
+    scored as the mean over digits of log-probabilities, and the top b kept. Visited: the start
+    items plus every neighbour reached.
+
+    Returns the final beams (rows, best first) and the visited counts per query.
+    """
+    num_beams, codes = start.shape[1], codes.long()
+    beams, visited_counts = [], []
+    for query in range(start.shape[0]):
+        beam, visited = start[query], set(start[query].tolist())
+        for _ in range(steps):
+            candidates = torch.unique(adjacency[beam].reshape(-1))
+            visited.update(candidates.tolist())
+            digits = log_probs[query]  # (m, V)
+            scores = torch.stack([digits[k, codes[candidates, k]] for k in range(codes.shape[1])]).mean(0)
+            beam = candidates[torch.topk(scores, num_beams).indices]
+        beams.append(beam.tolist())
+        visited_counts.append(len(visited))
+    return beams, visited_counts
+
+
+def graph_decode_reference(
+    log_probs: torch.Tensor,
+    codes: torch.Tensor,
+    neighbors: list[list[int]],
+    start: list[list[int]],
+    num_beams: int,
+    steps: int,
+) -> tuple[list[list[int]], list[int]]:
+    """Brute-force twin: plain loops over queries and items with Python sets and dicts.
+
+    Scores are computed item by item with numpy float32 scalars, adding the digits in the same
+    order as the vectorised scorers, so they are bit-identical to them whenever dividing by ``m``
+    is exact (m a power of two, as in every test and config).
+
+    Returns:
+        The final beam of every query (item rows, best first) and the number of distinct items
+        scored per query.
+    """
+    table = log_probs.to(torch.float32).numpy()  # (B, m, V)
+    item_codes = codes.numpy()  # rows read one item at a time: no O(N) conversion per call
+    n_digit = np.float32(table.shape[1])
+    beams, visited_counts = [], []
+    for query, start_items in enumerate(start):
+        digits = table[query]  # (m, V)
+        cache: dict[int, float] = {}
+
+        def score(item: int) -> float:
+            if item not in cache:
+                total = np.float32(0.0)
+                for k, token in enumerate(item_codes[item].tolist()):
+                    total = np.float32(total + digits[k, token])
+                cache[item] = float(total / n_digit) + 0.0
+            return cache[item]
+
+        def rank(items: set[int]) -> list[int]:
+            return sorted(items, key=lambda item: (-score(item), item))[:num_beams]
+
+        visited = set(start_items)
+        beam = rank(set(start_items))
+        for _ in range(steps):
+            candidates = set(beam)
+            for item in beam:
+                candidates.update(n for n in neighbors[item] if n >= 0)
+            visited |= candidates
+            beam = rank(candidates)
+        beams.append(beam)
+        visited_counts.append(len(visited))
+    return beams, visited_counts

@@ -1,10 +1,16 @@
 """Leave-one-out splits and RPG's training windows, vectorised over users with numpy offsets.
 
 Per user with items ``s[0..L)``: ``s[L-1]`` is the test target (history ``s[:L-1]``), ``s[L-2]`` the
-validation target (history ``s[:L-2]``), and ``s[:L-2]`` the training sequence. Users with fewer
-than 3 items are dropped (and counted).
+validation target (history ``s[:L-2]``), and ``s[:L-2]`` the training sequence.
 
-Training windows follow the paper's code (``RPGTokenizer.tokenize_function``): with ``M`` the maximum
+Users with fewer than 3 items are dropped from all three splits (and counted), so that no history is
+empty and validation and test score the same users. The reference code's split
+(``AbstractDataset._leave_one_out`` in RPG_KDD2025's genrec/dataset.py) keeps them: every user in
+test, those with 2+ items in validation, though its tokenizer fails on the empty histories this
+gives (an IndexError in ``RPGTokenizer._tokenize_later_items``); its 5-core data never has such users.
+Neither has Beauty here (shortest sequence: 5 items): no user is dropped.
+
+Training windows follow the reference code (``RPGTokenizer.tokenize_function``): with ``M`` the maximum
 number of inputs, the first window is ``t[:min(T, M+1)]`` and labels every next item; each later
 window ``t[j:j+M+1]`` (``j = 1 .. T-M-1``) slides by one and labels only its last item. Every training
 item except the first is thus a label exactly once. A window is stored as its ``M+1``-or-fewer item ids

@@ -2,7 +2,9 @@
 
 Semantics (the paper's ``graph_propagation``, vectorised over queries):
 
-- the beam starts as ``b`` distinct start items per query, ordered by score;
+- the beam starts as ``b`` start items per query, ordered by score. Random starts are distinct
+  (``random_start_items``); the paper's code draws them with replacement (``torch.randint``), which
+  can spend beams on repeats. tests/test_pipeline.py holds the two within noise of each other;
 - each of ``q`` steps takes as candidates the current beam plus every neighbour of every beam item,
   drops duplicates per query, scores them and keeps the top ``b``. The paper's adjacency lists
   include each item as its own top neighbour (its dense similarity matrix has the maximum on the
@@ -20,9 +22,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from rpg_dist.decode.scoring import candidate_scores
 from rpg_dist.decode.topk import MIN_KEY, key_rows, key_scores, ranking_keys
 
 
@@ -220,24 +222,9 @@ class GraphDecoder:
         return torch.topk(keys, self.num_beams, dim=1, sorted=True).values
 
     def _scores(self, log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """(c, m*V) log-probs, (c, C) rows -> (c, C) scores; same digit order as ``item_scores``.
-
-        Per digit: the candidates' codes, then a gather from each query's (V,) log-prob row. Every
-        temporary is (c, C) or (c*C, m) int16, small enough to stay in cache.
-        """
+        """(c, m*V) log-probs, (c, C) rows -> (c, C) scores (scoring.candidate_scores)."""
         n_digit = self.codes.shape[1] if self.row_major else self.codes.shape[0]
-        table = log_probs.view(rows.shape[0], n_digit, -1)  # (c, m, V)
-        flat = rows.reshape(-1)
-        if self.row_major:
-            cand = self.codes.index_select(0, flat)  # (c*C, m): one row per candidate
-            columns = (cand[:, k] for k in range(n_digit))
-        else:
-            columns = (self.codes[k].index_select(0, flat) for k in range(n_digit))
-        total = None
-        for k, column in enumerate(columns):
-            values = table[:, k].gather(1, column.reshape(rows.shape).long())  # (c, C)
-            total = values if total is None else total.add_(values)
-        return total / n_digit
+        return candidate_scores(log_probs.view(rows.shape[0], n_digit, -1), self.codes, rows, self.row_major)
 
 
 class _VisitedCounter:
@@ -266,53 +253,3 @@ def count_distinct(rows: torch.Tensor) -> torch.Tensor:
     """Distinct values per row of a (B, L) integer tensor: (B,) int64."""
     ordered = torch.sort(rows, dim=1).values
     return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
-
-
-def graph_decode_reference(
-    log_probs: torch.Tensor,
-    codes: torch.Tensor,
-    neighbors: list[list[int]],
-    start: list[list[int]],
-    num_beams: int,
-    steps: int,
-) -> tuple[list[list[int]], list[int]]:
-    """Brute-force twin: plain loops over queries and items with Python sets and dicts.
-
-    Scores are computed item by item with numpy float32 scalars, adding the digits in the same
-    order as the vectorised scorers, so they are bit-identical to them whenever dividing by ``m``
-    is exact (m a power of two, as in every test and config).
-
-    Returns:
-        The final beam of every query (item rows, best first) and the number of distinct items
-        scored per query.
-    """
-    table = log_probs.to(torch.float32).numpy()  # (B, m, V)
-    item_codes = codes.numpy()  # rows read one item at a time: no O(N) conversion per call
-    n_digit = np.float32(table.shape[1])
-    beams, visited_counts = [], []
-    for query, start_items in enumerate(start):
-        digits = table[query]  # (m, V)
-        cache: dict[int, float] = {}
-
-        def score(item: int) -> float:
-            if item not in cache:
-                total = np.float32(0.0)
-                for k, token in enumerate(item_codes[item].tolist()):
-                    total = np.float32(total + digits[k, token])
-                cache[item] = float(total / n_digit) + 0.0
-            return cache[item]
-
-        def rank(items: set[int]) -> list[int]:
-            return sorted(items, key=lambda item: (-score(item), item))[:num_beams]
-
-        visited = set(start_items)
-        beam = rank(set(start_items))
-        for _ in range(steps):
-            candidates = set(beam)
-            for item in beam:
-                candidates.update(n for n in neighbors[item] if n >= 0)
-            visited |= candidates
-            beam = rank(candidates)
-        beams.append(beam)
-        visited_counts.append(len(visited))
-    return beams, visited_counts

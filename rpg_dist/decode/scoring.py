@@ -69,13 +69,26 @@ def item_scores(log_probs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def candidate_scores(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, C) scores of a different candidate list ``rows`` (B, C) per query."""
+def candidate_scores(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, row_major: bool = True
+                     ) -> torch.Tensor:
+    """(c, C) scores of a candidate list ``rows`` (c, C) per query; log_probs (c, m, V).
+
+    codes: (N, m) item-major (``row_major``: a candidate's m codes in one memory access, large
+    catalogues) or (m, N) digit-major (digit k's lookups hit one (N,) column that stays in cache,
+    small ones). Per digit: the candidates' codes, then a gather from each query's (V,) log-prob
+    row; every temporary is (c, C) or (c*C, m), small enough to stay in cache.
+    """
     n_digit = log_probs.shape[1]
-    cand_codes = codes[rows]  # (B, C, m): one gather of each candidate's m codes
-    total = log_probs[:, 0].gather(1, cand_codes[:, :, 0].long())  # (B, C)
-    for k in range(1, n_digit):
-        total += log_probs[:, k].gather(1, cand_codes[:, :, k].long())
+    flat = rows.reshape(-1)
+    if row_major:
+        cand = codes.index_select(0, flat)  # (c*C, m): one row per candidate
+        columns = (cand[:, k] for k in range(n_digit))
+    else:
+        columns = (codes[k].index_select(0, flat) for k in range(n_digit))
+    total = None
+    for k, column in enumerate(columns):
+        values = log_probs[:, k].gather(1, column.reshape(rows.shape).long())  # (c, C)
+        total = values if total is None else total.add_(values)
     return total / n_digit
 
 

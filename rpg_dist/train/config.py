@@ -36,8 +36,8 @@ class TrainConfig:
     # of `epochs` (the reference code's transformers "cosine" schedule).
     warmup_steps: int = 10_000
     # When set, the warmup is this share of the run's total steps instead of warmup_steps, so a
-    # schedule carries over to a dataset of another size (the paper's Beauty setting, 10,000 of
-    # 160 x 101 steps, is 0.62). None: warmup_steps as given.
+    # schedule carries over to a dataset of another size (configs/beauty.yaml's 10,000 of
+    # 160 x 101 steps is 0.62). None: warmup_steps as given.
     warmup_fraction: float | None = None
     epochs: int = 160
     # Stop after this many optimizer steps (smoke runs); None = run all epochs.
