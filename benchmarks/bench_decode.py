@@ -33,7 +33,7 @@ from common import PeakMemory, machine, timed  # noqa: E402
 from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items  # noqa: E402
 from rpg_dist.decode.scoring import candidate_scores  # noqa: E402
 from rpg_dist.decode.sharded import ShardedGraphDecoder  # noqa: E402
-from rpg_dist.graph.synthetic import random_token_table, taxonomy_codes  # noqa: E402
+from rpg_dist.testing.codes import random_token_table, taxonomy_codes  # noqa: E402
 from twins import graph_decode_reference  # noqa: E402 (tests/twins.py)
 
 

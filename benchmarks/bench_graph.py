@@ -40,7 +40,7 @@ from rpg_dist.graph.builder import build_item_graph  # noqa: E402
 from rpg_dist.graph.config import GraphConfig  # noqa: E402
 from rpg_dist.decode.scoring import offset_codes  # noqa: E402
 from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, query_tables  # noqa: E402
-from rpg_dist.graph.synthetic import random_token_table, taxonomy_codes  # noqa: E402
+from rpg_dist.testing.codes import random_token_table, taxonomy_codes  # noqa: E402
 
 
 def make_codes(kind: str, n_items: int, n_digit: int, seed: int) -> torch.Tensor:

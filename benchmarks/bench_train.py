@@ -94,7 +94,7 @@ def prepare_dataset(raw: str, workdir: str) -> str:
 
 
 def write_codes(dataset: str, run_dir: str, semantic_ids: str | None) -> None:
-    from rpg_dist.train.debug import write_random_semantic_ids
+    from rpg_dist.testing.semantic_ids import write_random_semantic_ids
 
     if semantic_ids:
         io.write_bytes(RunPaths(run_dir).semantic_ids, io.read_bytes(semantic_ids))

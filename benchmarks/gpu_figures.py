@@ -81,7 +81,7 @@ def training(beauty: str, device: torch.device, steps: int, zero: int, out) -> N
     """Beauty windows through `rpg-dist train` (local launcher): the trainer's own summary."""
     from rpg_dist.data.config import PrepareConfig
     from rpg_dist.data.importers import prepare
-    from rpg_dist.train.debug import write_random_semantic_ids
+    from rpg_dist.testing.semantic_ids import write_random_semantic_ids
 
     with tempfile.TemporaryDirectory(prefix="rpg-gpu-") as root:
         dataset, run_dir, summary = f"{root}/dataset", f"{root}/run", f"{root}/summary.json"

@@ -13,7 +13,7 @@ from rpg_dist.decode.sharded import ShardedGraphDecoder, _top_per_query
 from rpg_dist.decode.topk import MIN_KEY, key_rows, ranking_keys
 from rpg_dist.graph.stage import build_graph
 from rpg_dist.graph.store import load_graph
-from rpg_dist.graph.synthetic import clustered_codes, random_token_table
+from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids, write_semantic_ids
 
 

@@ -19,7 +19,7 @@ from rpg_dist.decode.scoring import item_scores
 from rpg_dist.evaluation.metrics import ranking_metrics
 from rpg_dist.evaluation.stage import Queries, evaluate
 from rpg_dist.graph.stage import build_graph
-from rpg_dist.graph.synthetic import clustered_codes
+from rpg_dist.testing.codes import clustered_codes
 from rpg_dist.model.config import ModelConfig
 from rpg_dist.model.export import model_metadata, save_model, semantic_ids_fingerprint
 from rpg_dist.model.rpg import RPG

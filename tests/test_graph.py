@@ -20,7 +20,7 @@ from rpg_dist.decode.scoring import offset_codes
 from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, pair_sums, query_tables
 from rpg_dist.graph.stage import build_graph
 from rpg_dist.graph.store import load_graph, read_manifest
-from rpg_dist.graph.synthetic import clustered_codes, random_token_table
+from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.graph.token_blocks import plan_token_blocks, token_block_neighbors
 from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
 from twins import dense_neighbors, dense_sums

@@ -20,7 +20,7 @@ from rpg_dist.config import config_from_dict, load_config
 from rpg_dist.errors import StageError
 from rpg_dist.model.rpg import PAD
 from rpg_dist.train import windows
-from rpg_dist.train.debug import write_random_semantic_ids
+from rpg_dist.testing.semantic_ids import write_random_semantic_ids
 
 ASSETS = Path(__file__).parent / "assets"
 DEBUG_CONFIG = str(ASSETS / "debug.yaml")

@@ -21,6 +21,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.train import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import free_port  # noqa: E402
 from test_train import DEBUG_CONFIG, debug_config, logged_losses, new_run  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -34,7 +35,7 @@ TOLERANCE = 1e-5
 def torchrun(run_dir: str, dataset: str, overrides: list[str], tmp_path: Path) -> dict:
     summary = tmp_path / f"summary-{Path(run_dir).name}.json"
     sets = [arg for o in [f"dataset={dataset}", f"run_dir={run_dir}", *overrides] for arg in ("--set", o)]
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "rpg_dist.train.torchrun_main", "--config", DEBUG_CONFIG, *sets, "--summary-out", str(summary)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -128,11 +129,3 @@ def _wait_for_checkpoint(root: str, runner: threading.Thread, timeout: float) ->
         assert runner.is_alive(), "training ended before its first checkpoint"
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint under {root} after {timeout}s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

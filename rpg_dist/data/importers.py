@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import gzip
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +23,9 @@ import pyarrow.compute as pc
 
 from rpg_dist import io
 from rpg_dist.data import text as item_text
+from rpg_dist.data import synth
 from rpg_dist.data.dataset import DatasetInfo, DatasetWriter
+from rpg_dist.data.raw import RawDataset
 from rpg_dist.errors import DataError
 
 if TYPE_CHECKING:
@@ -35,22 +36,8 @@ if TYPE_CHECKING:
 AMAZON_TEXT_FIELDS = ("title", "price", "brand", "feature", "categories", "description")
 
 
-@dataclass
-class RawDataset:
-    """Item and sequence tables plus where their rows came from (for error messages)."""
-
-    items: pa.Table
-    sequences: pa.Table
-    items_origin: str
-    sequences_origin: str
-    # Row number of the first table row in its file (1 for line-numbered text files).
-    first_row: int = 1
-
-
 def prepare(cfg: PrepareConfig, out: str, storage: StorageConfig | None = None, overwrite: bool = False) -> DatasetInfo:
     """Import ``cfg.input`` in ``cfg.format`` and commit the dataset at ``out``."""
-    from rpg_dist.data import synth
-
     if cfg.format == "synth":
         raw = synth.generate(n_items=cfg.n_items, n_users=cfg.n_users, seed=0)
     elif cfg.format == "s3rec":

@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rpg_dist.data.raw import RawDataset
+
 TAXONOMY: dict[str, dict[str, list[str]]] = {
     "Beauty": {
         "Makeup": ["lipstick", "mascara", "eyeliner", "foundation", "blush"],
@@ -64,7 +66,6 @@ P_SAME_BRAND = 0.5
 
 def generate(n_items: int, n_users: int, seed: int = 0, mean_length: float = 9.0, max_length: int = 60):
     """A ``RawDataset`` with ``n_items`` items (ids 1..n) and ``n_users`` users (ids 1..n)."""
-    from rpg_dist.data.importers import RawDataset
 
     rng = np.random.default_rng(seed)
     leaves = _leaves()

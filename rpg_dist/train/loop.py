@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +53,31 @@ class TrainState:
     stopped: str = ""
 
 
+class ModelParts(NamedTuple):
+    """What ``build_models`` returns: the model to train, its plain twin for validation (under
+    ZeRO-3 the engine's own parameters are shards), the identity checkpoints are checked against,
+    and the windows manifest (counts the schedule depends on)."""
+
+    model: RPG
+    eval_model: RPG
+    identity: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def build_models(cfg: Config, device: torch.device, storage) -> ModelParts:
+    """The seeded model and its validation copy over the run's semantic IDs, with the windows
+    manifest (checked against those IDs and the config)."""
+    paths = RunPaths(cfg.run_dir)
+    semantic_ids = load_semantic_ids(paths.semantic_ids, storage)
+    fingerprint = semantic_ids_fingerprint(semantic_ids)
+    manifest = _read_manifest(paths.windows, fingerprint, cfg, storage)
+    codes = torch.from_numpy(semantic_ids.codes)  # (n_items, m) int16, shared by both models
+    torch.manual_seed(cfg.seed)
+    model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes)
+    eval_model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes).to(device)
+    return ModelParts(model, eval_model, model_metadata(model, fingerprint), manifest)
+
+
 class Trainer:
     """Builds the model, engine and data shard for this rank, then ``run()`` trains to the end."""
 
@@ -63,7 +88,7 @@ class Trainer:
         self.threads = set_threads(self.tc.torch_threads, runtime.local_world_size)
         self.heap = HeapReuse(self.tc.reuse_freed_memory)
         self._check_world()
-        model = self._build_models()
+        model, self.eval_model, self.identity, self.manifest = build_models(cfg, runtime.device, self.storage)
         self.micro_per_epoch = windows.micro_batches_per_epoch(
             self.manifest["n_windows"], runtime.world_size, self.tc.micro_batch,
             self.tc.grad_accum_steps,
@@ -92,20 +117,6 @@ class Trainer:
                 f"train.num_workers: {self.tc.num_workers}, but the launcher started "
                 f"{self.rt.world_size} processes; pass --set train.num_workers={self.rt.world_size}"
             )
-
-    def _build_models(self) -> RPG:
-        """The model to train (seeded init), a plain copy for validation, and their identity."""
-        cfg = self.cfg
-        semantic_ids = load_semantic_ids(self.paths.semantic_ids, self.storage)
-        fingerprint = semantic_ids_fingerprint(semantic_ids)
-        self.manifest = _read_manifest(self.paths.windows, fingerprint, cfg, self.storage)
-        codes = torch.from_numpy(semantic_ids.codes)  # (n_items, m) int16, shared by both models
-        torch.manual_seed(cfg.seed)
-        model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes)
-        # Validation runs on this plain module: under ZeRO-3 the engine's own parameters are shards.
-        self.eval_model = RPG(cfg.model, semantic_ids.n_digit, cfg.tokenize.codebook_size, codes).to(self.rt.device)
-        self.identity = model_metadata(model, fingerprint)
-        return model
 
     def _train_source(self) -> windows.EpochBatches:
         """This rank's micro-batches, read from the run's windows under every launcher."""

@@ -2,8 +2,8 @@
 
 The driver prepares the windows, then starts ``num_workers`` workers with
 ``resources_per_worker={"CPU": cpus_per_worker}``; each reads its share of every epoch from the
-run's windows (windows.EpochBatches), as under torchrun, so both launchers train on the same batches. Fault tolerance: with
-``FailureConfig(max_failures)``, Ray Train restarts the worker group when a worker dies, and the
+run's windows (windows.EpochBatches), as under torchrun, so all launchers train on the same
+batches. Fault tolerance: with ``FailureConfig(max_failures)``, Ray Train restarts the worker group when a worker dies, and the
 loop resumes from the newest complete checkpoint under ``RUN_DIR/checkpoints`` (the same resume path
 as re-running ``rpg-dist train``). Ray's own storage only holds its run bookkeeping.
 """
@@ -25,17 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def run_ray(cfg: Config) -> dict[str, Any]:
-    """Run the train loop on a Ray Train worker group; returns rank 0's summary."""
+    """Run the train loop on a Ray Train worker group over prepared windows (``stage.prepare``);
+    returns rank 0's summary."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rpg_dist.model.export import read_model_metadata
-    from rpg_dist.train.stage import prepare
-
     tc = cfg.train
     init_ray(cfg.ray)
-    prepare(cfg)
     _check_resources(cfg, ray.cluster_resources())
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
     trainer = TorchTrainer(

@@ -38,7 +38,9 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.train.launcher == "ray":
         from rpg_dist.train.ray_launcher import run_ray
 
-        return run_ray(with_absolute_paths(cfg))
+        cfg = with_absolute_paths(cfg)
+        prepare(cfg)  # on the driver, before any worker starts
+        return run_ray(cfg)
     return run_in_process(cfg)
 
 
