@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_prepare)
 
     p = sub.add_parser("synth", help="generate a synthetic catalogue (taxonomy, or fitted on a real run)")
-    p.add_argument("--items", type=int, required=True, help="number of items")
-    p.add_argument("--users", type=int, required=True, help="number of users")
+    p.add_argument("--items", type=_positive_int, required=True, help="number of items")
+    p.add_argument("--users", type=_positive_int, required=True, help="number of users")
     p.add_argument("--out", required=True, help="dataset URI to create")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--like", metavar="RUN_DIR", default=None,
@@ -139,6 +139,16 @@ def _prepare(args: argparse.Namespace) -> int:
     info = prepare(cfg, args.out, _storage(args), overwrite=args.overwrite)
     _print_json(info.__dict__)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _synth(args: argparse.Namespace) -> int:

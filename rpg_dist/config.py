@@ -61,6 +61,10 @@ class RayConfig:
     num_cpus: int | None = None
     namespace: str = "rpg-dist"
 
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"num_cpus: {self.num_cpus} must be >= 1 or null (the machine's cores)")
+
 
 @dataclass(kw_only=True)
 class Config:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -105,9 +106,12 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads an exponent without a dot (lr: 1e-3) as a string.
+            return parse_override(float, value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), path)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -148,9 +152,10 @@ def parse_override(tp: Any, raw: str, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {raw!r}") from None
     if tp is float:
         try:
-            return float(raw)
+            value = float(raw.replace("_", ""))
         except ValueError:
             raise ConfigError(f"{path}: expected a number, got {raw!r}") from None
+        return _finite(value, path)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
@@ -211,6 +216,12 @@ def fingerprint(*parts: Any) -> str:
     plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
     blob = json.dumps(plain, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _finite(value: float, path: str) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: expected a finite number, got {value}")
+    return value
 
 
 def _dataclass_in(tp: Any) -> type | None:

@@ -121,7 +121,18 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
 
 
 def read_text(uri: str, storage: StorageConfig | None = None) -> str:
-    return read_bytes(uri, storage).decode("utf-8")
+    """The file as UTF-8 text. Raises DataError naming the file and byte where it is not UTF-8."""
+    data = read_bytes(uri, storage)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{uri}: line {line} (byte {err.start}) is not UTF-8 text: {err.reason}") from None
+
+
+def is_file(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return bool(_call(uri, fs.isfile, path))
 
 
 def read_json(uri: str, storage: StorageConfig | None = None) -> Any:

@@ -19,6 +19,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
 from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.data.items import as_item_ids
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import right_pad
 
@@ -88,8 +89,12 @@ class Recommender:
         """Top-``k`` items after each history (item ids, oldest first), best first.
 
         Raises:
-            DataError: a history holds an item id the catalogue does not know, or is empty.
+            DataError: a history holds an item id the catalogue does not know, or is empty; k is
+                not between 1 and the catalogue's size.
         """
+        n_items = len(self.index)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
+            raise DataError(f"k: {k!r} must be a whole number from 1 to the catalogue's {n_items} items")
         items, lengths = self._batch(histories)
         log_probs = self.model.next_token_log_probs(items, lengths).float()  # (B, m, V)
         codes = self.model.item_codes
@@ -113,7 +118,7 @@ class Recommender:
             raise DataError("every history needs at least one item id")
         trimmed = [h[-self.max_seq_len :] for h in histories]
         lengths = np.array([len(h) for h in trimmed])
-        rows = self.index.rows(np.concatenate([np.asarray(h, np.int64) for h in trimmed]), what="history")
+        rows = self.index.rows(as_item_ids([i for h in trimmed for i in h], "history"), what="history")
         return torch.from_numpy(right_pad(rows, lengths)), torch.from_numpy(lengths)
 
 

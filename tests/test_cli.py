@@ -60,3 +60,62 @@ def test_bad_override_is_reported(tmp_path):
     out = _run("train", "--config", str(cfg), "--set", "train.lrr=1")
     assert out.returncode == 2
     assert "train has no key 'lrr'; valid keys are" in out.stderr
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    """``rpg-dist ARGV`` in this process: (exit code, stderr); argparse's exits included."""
+    from rpg_dist.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+BAD_CONFIGS = [
+    # (YAML text, the message naming the field)
+    ("train:\n  lr: .nan\n", "train.lr: expected a finite number, got nan"),
+    ("train:\n  grad_clip: .inf\n", "train.grad_clip: expected a finite number, got inf"),
+    ("model:\n  temperature: -.inf\n", "model.temperature: expected a finite number"),
+    ("ray:\n  num_cpus: -1\n", "ray.num_cpus: -1 must be >= 1"),
+    ("train:\n  warmup_fraction: 1.5\n", "train.warmup_fraction: 1.5 must be in [0, 1)"),
+    (b"train:\n  lr: \xff\n", "line 2 (byte 13) is not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS)
+def test_bad_config_values_are_one_line_errors(text, message, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code, err = _main(["train", "--config", str(path), "--set", f"dataset={tmp_path}", "--set", f"run_dir={tmp_path}"],
+                      capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; the config still takes it as the number it is."""
+    from rpg_dist.config import load_config
+
+    path = tmp_path / "sci.yaml"
+    path.write_text(f"dataset: {tmp_path}\nrun_dir: {tmp_path}\ntrain:\n  lr: 1e-3\n")
+    assert load_config(str(path)).train.lr == 1e-3
+    assert load_config(str(path), ["train.lr=2e-3"]).train.lr == 2e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--items", "0", "--users", "10"], "argument --items: must be >= 1, got 0"),
+    (["synth", "--items", "100", "--users", "-5"], "argument --users: must be >= 1, got -5"),
+    (["synth", "--items", "ten", "--users", "5"], "argument --items: expected a whole number"),
+])
+def test_bad_synth_sizes_are_usage_errors(argv, message, tmp_path, capsys):
+    code, err = _main([*argv, "--out", str(tmp_path / "ds")], capsys)
+    assert code == 2 and message in err and not (tmp_path / "ds").exists()
+
+
+def test_output_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    code, err = _main(["synth", "--items", "50", "--users", "20", "--out", str(target)], capsys)
+    assert code == 2 and "is a file; a dataset is a folder" in err
+    assert target.read_text() == "keep me"

@@ -105,6 +105,11 @@ def test_recommend_api_and_cli(tiny_run):
     assert graph[0][0].score <= full[0][0].score + 1e-5
     with pytest.raises(DataError, match="history: item_id 999999 is unknown"):
         recommender.recommend([[5, 999999]])
+    with pytest.raises(DataError, match="history: 99999999999999999999 is not an item id"):
+        recommender.recommend([[5, 99999999999999999999]])
+    for k in (-3, 0, 801, 2.5):
+        with pytest.raises(DataError, match=f"k: {k} must be a whole number from 1 to the catalogue's 800 items"):
+            recommender.recommend([[5, 17]], k=k)
     out = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,17,300", "--k", "3"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

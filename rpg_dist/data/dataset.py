@@ -119,6 +119,8 @@ class DatasetWriter:
         self.uri = uri.rstrip("/")
         self.source = source
         self.storage = storage
+        if io.is_file(self.uri, storage):
+            raise DataError(f"{self.uri}: is a file; a dataset is a folder (choose another --out)")
         if io.exists(info_uri(self.uri), storage) and not overwrite:
             raise DataError(f"{self.uri}: a dataset already exists here; pass --overwrite to replace it")
         self.overwrite = overwrite

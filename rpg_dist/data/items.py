@@ -33,7 +33,7 @@ class ItemIndex:
         Raises:
             DataError: an id is unknown; the message names ``what`` and the first unknown id.
         """
-        ids = np.asarray(item_ids, dtype=np.int64)
+        ids = as_item_ids(item_ids, what)
         pos, known = self.find(ids)
         if not known.all():
             suffix = " (no items)" if len(self.item_ids) == 0 else ""
@@ -47,6 +47,16 @@ class ItemIndex:
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Item ids of dense ``rows`` (any shape)."""
         return self.item_ids[np.asarray(rows)]
+
+
+def as_item_ids(values, what: str = "item_ids") -> np.ndarray:
+    """``values`` as int64 item ids; DataError naming ``what`` for a value that is not one."""
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        flat = np.asarray(values, dtype=object).ravel()
+        bad = next((v for v in flat if not isinstance(v, (int, np.integer)) or not -2**63 <= v < 2**63), flat[0])
+        raise DataError(f"{what}: {bad!r} is not an item id (a 64-bit integer)") from None
 
 
 def sorted_lookup(sorted_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
