@@ -170,10 +170,12 @@ def _stage(fn: Callable) -> Callable[[argparse.Namespace], int]:
 
     def handler(args: argparse.Namespace) -> int:
         from rpg_dist.config import save_run_config
+        from rpg_dist.runlock import run_dir_lock
 
         cfg = _config(args)
-        save_run_config(cfg)
-        result = fn(cfg, args)
+        with run_dir_lock(cfg.run_dir):
+            save_run_config(cfg)
+            result = fn(cfg, args)
         if result is not None:
             _print_json(result)
         return 0
@@ -212,8 +214,10 @@ def _evaluate(cfg, args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from rpg_dist.pipeline import run_pipeline
+    from rpg_dist.runlock import run_dir_lock
 
-    run_pipeline(cfg, force=args.force)
+    with run_dir_lock(cfg.run_dir):
+        run_pipeline(cfg, force=args.force)
     return 0
 
 

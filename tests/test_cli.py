@@ -119,3 +119,29 @@ def test_output_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     code, err = _main(["synth", "--items", "50", "--users", "20", "--out", str(target)], capsys)
     assert code == 2 and "is a file; a dataset is a folder" in err
     assert target.read_text() == "keep me"
+
+
+def test_a_locked_run_dir_refuses_a_second_process_until_the_holder_dies(tmp_path, capsys):
+    """Two processes on one run directory: the second refuses, naming the holder; a holder killed
+    with SIGKILL leaves nothing locked (the kernel drops its flock)."""
+    from rpg_dist.runlock import run_dir_lock
+
+    run_dir = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom rpg_dist.runlock import run_dir_lock\n"
+         "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()", run_dir],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = tmp_path / "c.yaml"
+        config.write_text(f"dataset: {tmp_path / 'ds'}\nrun_dir: {run_dir}\n")
+        for argv in (["train", "--config", str(config)], ["run", "--config", str(config)]):
+            code, err = _main(argv, capsys)
+            assert code == 2 and f"in use by pid {holder.pid}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(run_dir):
+        with pytest.raises(Exception, match="in use by pid"):
+            with run_dir_lock(run_dir):  # a second holder, even in the same process
+                pass
