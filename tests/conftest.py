@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Crash points (rpg_dist/failpoints.py) armed by the fault tests; set before any Ray process starts
+# so that every worker inherits it.
+os.environ.setdefault("RPG_DIST_FAILPOINTS", tempfile.mkdtemp(prefix="rpg-failpoints-"))
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from rpg_dist import errors, io
+from rpg_dist import errors, failpoints, io
 from rpg_dist.artifacts import RunPaths
 
 if TYPE_CHECKING:
@@ -257,9 +257,11 @@ class ShardWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shard = shard_from_row(batch, Shard)
         try:
-            return result_row(manifest=self.run(shard))
+            manifest = self.run(shard)
         except errors.RpgDistError as err:
             return result_row(error=err)
+        failpoints.reach("shard-committed")
+        return result_row(manifest=manifest)
 
     def run(self, shard: Shard) -> dict[str, Any]:
         raise NotImplementedError

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rpg_dist import io
+from rpg_dist import failpoints, io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import Config
 from rpg_dist.errors import StageError
@@ -346,6 +346,7 @@ class Trainer:
         meta = {"identity": self.identity, "layout": self.layout(), "workers": self.workers,
                 "state": {k: v for k, v in asdict(self.state).items() if k != "resumed_from"}}
         checkpoint.save(self.engine, root, self.state.step, meta, self.rt.rank, self.barrier, self.storage)
+        failpoints.reach(f"checkpoint-committed-rank{self.rt.rank}")
         if self.rt.is_main:
             checkpoint.prune(root, self.tc.keep_checkpoints, self.storage)
 
