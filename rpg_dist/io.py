@@ -130,6 +130,12 @@ def read_text(uri: str, storage: StorageConfig | None = None) -> str:
         raise DataError(f"{uri}: line {line} (byte {err.start}) is not UTF-8 text: {err.reason}") from None
 
 
+def size(uri: str, storage: StorageConfig | None = None) -> int:
+    """Bytes of the file at ``uri``."""
+    fs, path = filesystem(uri, storage)
+    return int(_call(uri, fs.size, path))
+
+
 def is_file(uri: str, storage: StorageConfig | None = None) -> bool:
     fs, path = filesystem(uri, storage)
     return bool(_call(uri, fs.isfile, path))

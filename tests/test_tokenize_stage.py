@@ -109,6 +109,27 @@ def test_resume_skips_complete_shards(tokenized, tmp_path):
                                   load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids).codes)
 
 
+def test_a_truncated_or_missing_committed_part_is_redone_on_resume(tokenized, tmp_path):
+    """A committed shard whose part file was truncated (embedding) or deleted (codes) after its
+    manifest: resume checks each part's size against its manifest and redoes exactly those."""
+    cfg, stats = tokenized
+    run_dir = str(tmp_path / "damaged")
+    shutil.copytree(cfg.run_dir, run_dir)
+    paths = RunPaths(run_dir)
+    truncated = os.path.join(run_dir, "embeddings", shards.part_name("000002"))
+    with open(truncated, "r+b") as handle:
+        handle.truncate(os.path.getsize(truncated) // 2)
+    io.remove(io.join(paths.codes, shards.part_name("000005")))
+    resumed = stage.tokenize(make_cfg(cfg.dataset, run_dir))
+    timings = resumed["timings"]
+    assert (timings["embed_shards_run"], timings["embed_shards_skipped"]) == (1, stats["n_shards"] - 1)
+    # Only the deleted codes part is encoded again: the re-embedded shard has the same inputs and
+    # encoder (the same fingerprint), so its committed codes still hold.
+    assert timings["encode_shards_run"] == 1
+    np.testing.assert_array_equal(load_semantic_ids(paths.semantic_ids).codes,
+                                  load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids).codes)
+
+
 def test_killed_actor_redoes_its_work_and_every_item_is_written_once(synth_dataset, tmp_path, ray_local):
     """An actor dies by SIGKILL right after committing its first shard (an armed crash point, no
     race): the stage still finishes, every shard is committed once (the victim's redone) and every

@@ -152,10 +152,10 @@ class ShardEmbedder(shards.ShardWorker):
         item_ids, texts = read_shard_items(shard, self.storage)
         emb = embed_texts(self.model, texts, self.batch_size)  # (n, D)
         emb = normalize_checked(emb, item_ids, shard.file, shard.first_row)
-        io.write_parquet(embedding_table(item_ids, emb), io.join(self.out_dir, shards.part_name(shard.key)),
-                         self.storage)
+        part = io.join(self.out_dir, shards.part_name(shard.key))
+        io.write_parquet(embedding_table(item_ids, emb), part, self.storage)
         return shards.write_manifest(
-            self.manifest_dir, shard.key, self.fingerprint, self.storage, kind="embed", encoder=self.identity,
+            self.manifest_dir, shard.key, self.fingerprint, self.storage, part, kind="embed", encoder=self.identity,
             n_items=len(item_ids), dim=int(emb.shape[1]), seconds=time.perf_counter() - start,
             source={"file": shard.file, "row_group": shard.row_group, "offset": shard.offset,
                     "length": shard.length},

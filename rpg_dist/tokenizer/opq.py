@@ -227,7 +227,8 @@ class ShardEncoder:
         start = time.perf_counter()
         item_ids, emb = read_embeddings(part, self.storage)  # (n,), (n, D)
         codes = encode(self.index, emb)  # (n, m)
-        io.write_parquet(to_table(item_ids, codes), io.join(self.out_dir, shards.part_name(key)), self.storage)
-        return shards.write_manifest(self.manifest_dir, key, fingerprint, self.storage, kind="encode",
+        out = io.join(self.out_dir, shards.part_name(key))
+        io.write_parquet(to_table(item_ids, codes), out, self.storage)
+        return shards.write_manifest(self.manifest_dir, key, fingerprint, self.storage, out, kind="encode",
                                      n_items=len(item_ids), seconds=time.perf_counter() - start,
                                      source={"embeddings": part})

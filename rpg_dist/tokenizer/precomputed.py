@@ -111,10 +111,10 @@ class ShardImporter(shards.ShardWorker):
         start = time.perf_counter()
         item_ids, emb = read_shard_vectors(shard, self.dim, self.storage)
         emb = normalize_checked(emb, item_ids, shard.file, shard.first_row)
-        io.write_parquet(embedding_table(item_ids, emb), io.join(self.out_dir, shards.part_name(shard.key)),
-                         self.storage)
+        part = io.join(self.out_dir, shards.part_name(shard.key))
+        io.write_parquet(embedding_table(item_ids, emb), part, self.storage)
         return shards.write_manifest(
-            self.manifest_dir, shard.key, self.fingerprint, self.storage, kind="import", encoder=self.identity,
+            self.manifest_dir, shard.key, self.fingerprint, self.storage, part, kind="import", encoder=self.identity,
             n_items=len(item_ids), dim=self.dim, seconds=time.perf_counter() - start,
             source={"file": shard.file, "row_group": shard.row_group, "offset": shard.offset, "length": shard.length},
         )

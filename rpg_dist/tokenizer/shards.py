@@ -127,8 +127,9 @@ def committed(manifest_dir: str, storage: StorageConfig | None) -> dict[str, lis
 
 
 def drop_stale(manifest_dir: str, fingerprints: dict[str, str], storage: StorageConfig | None,
-               owned: Callable[[str], bool] = lambda key: True) -> list[str]:
-    """Delete manifests of ``owned`` keys whose fingerprint is not ``fingerprints[key]``.
+               owned: Callable[[str], bool] = lambda key: True, part_dir: str | None = None) -> list[str]:
+    """Delete manifests of ``owned`` keys whose fingerprint is not ``fingerprints[key]``, or (with
+    ``part_dir``) whose part file is missing or not the size its manifest recorded.
 
     Their shards are then redone (or, for keys no longer planned, forgotten). Returns the keys that
     are complete and current.
@@ -138,16 +139,34 @@ def drop_stale(manifest_dir: str, fingerprints: dict[str, str], storage: Storage
         if not owned(key):
             continue
         for fingerprint in found:
-            if fingerprints.get(key) == fingerprint:
+            uri = io.join(manifest_dir, manifest_name(key, fingerprint))
+            if fingerprints.get(key) == fingerprint and (part_dir is None or _part_intact(uri, part_dir, storage)):
                 done.append(key)
             else:
-                io.remove(io.join(manifest_dir, manifest_name(key, fingerprint)), storage)
+                io.remove(uri, storage)
     return sorted(done)
 
 
+def _part_intact(manifest_uri: str, part_dir: str, storage: StorageConfig | None) -> bool:
+    """The shard's part file has the size recorded at commit (a truncated or rewritten part fails)."""
+    manifest = io.read_json(manifest_uri, storage)
+    if "part_bytes" not in manifest:  # committed before sizes were recorded
+        return True
+    part = io.join(part_dir, manifest["part"])
+    size = io.size(part, storage) if io.exists(part, storage) else None
+    if size != manifest["part_bytes"]:
+        log.warning("%s: %s bytes, its manifest recorded %d: the shard is redone", part,
+                    "missing" if size is None else size, manifest["part_bytes"])
+        return False
+    return True
+
+
 def write_manifest(manifest_dir: str, key: str, fingerprint: str, storage: StorageConfig | None,
-                   **fields: Any) -> dict[str, Any]:
-    """Commit a shard: its manifest records where and how it was produced."""
+                   part_uri: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Commit a shard: its manifest records where and how it was produced, and the size of its part
+    file (``part_uri``, already committed), which resume checks."""
+    if part_uri is not None:
+        fields = {"part": posixpath.basename(part_uri), "part_bytes": io.size(part_uri, storage), **fields}
     manifest = {
         "key": key,
         "fingerprint": fingerprint,

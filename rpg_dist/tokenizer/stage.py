@@ -130,7 +130,8 @@ def _add_items(cfg: Config, paths: RunPaths, uri: str, timings: dict[str, Any]) 
 def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: str, owned, source: str) -> dict[str, Any]:
     """Embed (or import) the planned shards not committed yet; drop owned shards no longer planned."""
     t, storage = cfg.tokenize, cfg.storage
-    done = set(shards.drop_stale(paths.embedding_manifests, {s.key: fingerprint for s in plan}, storage, owned))
+    done = set(shards.drop_stale(paths.embedding_manifests, {s.key: fingerprint for s in plan}, storage, owned,
+                                 part_dir=paths.embeddings))
     _remove_unplanned_parts(paths.embeddings, {s.key for s in plan}, owned, storage)
     pending = [s for s in plan if s.key not in done]
     log.info("embed: %d shards, %d committed, %d to run", len(plan), len(done), len(pending))
@@ -207,7 +208,7 @@ def encode_shards(cfg: Config, keys: list[str], only: set[str] | None = None) ->
     embedded = shards.committed(paths.embedding_manifests, storage)
     wanted = {k: shards.digest(index_digest, embedded[k][0]) for k in keys if only is None or k in only}
     owned = (lambda key: True) if only is None else (lambda key: key in only)
-    done = set(shards.drop_stale(paths.code_manifests, wanted, storage, owned))
+    done = set(shards.drop_stale(paths.code_manifests, wanted, storage, owned, part_dir=paths.codes))
     _remove_unplanned_parts(paths.codes, set(wanted), owned, storage)
     pending = [k for k in sorted(wanted) if k not in done]
     log.info("encode: %d shards, %d committed, %d to run", len(wanted), len(done), len(pending))
