@@ -31,8 +31,11 @@ def run_dir_lock(run_dir: str) -> Iterator[None]:
         yield
         return
     folder = io.filesystem(run_dir)[1]
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a file in the way, no permission, read-only filesystem
+        raise StageError(f"{run_dir}: cannot be used as a run directory: {err.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -121,6 +121,16 @@ def test_output_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
+def test_a_run_dir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "run"
+    blocker.write_text("not a folder")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset: {tmp_path / 'ds'}\nrun_dir: {blocker}\n")
+    code, err = _main(["train", "--config", str(config)], capsys)
+    assert code == 2 and f"{blocker}: cannot be used as a run directory" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
 def test_a_locked_run_dir_refuses_a_second_process_until_the_holder_dies(tmp_path, capsys):
     """Two processes on one run directory: the second refuses, naming the holder; a holder killed
     with SIGKILL leaves nothing locked (the kernel drops its flock)."""
