@@ -3,8 +3,8 @@
     python benchmarks/decode_sweep.py --run RUN_DIR --dataset DATASET [--users 20000] --json out.json
 
 For a trained run: the exact graph and the approximate (token-block) graph are built in-process from
-the run's token table (or the run's own graph is loaded: --graphs run); the test split's log-probabilities are computed once; then every combination
-of graph x start (random: the paper; history: the user's items and their neighbours) x beams b x
+the run's token table (or the run's own graph is loaded: --graphs run); the test split's
+log-probabilities are computed once; then every combination of graph x start (random: the paper; history: the user's items and their neighbours) x beams b x
 steps q is decoded. Prints NDCG@10, Recall@10, the mean fraction of items visited and queries/s, and
 full ranking's NDCG@10 and queries/s on the same users.
 """

@@ -19,7 +19,6 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
 from rpg_dist.decode.scoring import full_ranking_topk
-from rpg_dist.data.items import as_item_ids
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import right_pad
 
@@ -118,7 +117,7 @@ class Recommender:
             raise DataError("every history needs at least one item id")
         trimmed = [h[-self.max_seq_len :] for h in histories]
         lengths = np.array([len(h) for h in trimmed])
-        rows = self.index.rows(as_item_ids([i for h in trimmed for i in h], "history"), what="history")
+        rows = self.index.rows([i for h in trimmed for i in h], what="history")
         return torch.from_numpy(right_pad(rows, lengths)), torch.from_numpy(lengths)
 
 

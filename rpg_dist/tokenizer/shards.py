@@ -153,7 +153,10 @@ def _part_intact(manifest_uri: str, part_dir: str, storage: StorageConfig | None
     if "part_bytes" not in manifest:  # committed before sizes were recorded
         return True
     part = io.join(part_dir, manifest["part"])
-    size = io.size(part, storage) if io.exists(part, storage) else None
+    try:
+        size = io.size(part, storage)
+    except FileNotFoundError:
+        size = None
     if size != manifest["part_bytes"]:
         log.warning("%s: %s bytes, its manifest recorded %d: the shard is redone", part,
                     "missing" if size is None else size, manifest["part_bytes"])

@@ -3,9 +3,9 @@
 The driver prepares the windows, then starts ``num_workers`` workers with
 ``resources_per_worker={"CPU": cpus_per_worker}``; each reads its share of every epoch from the
 run's windows (windows.EpochBatches), as under torchrun, so all launchers train on the same
-batches. Fault tolerance: with ``FailureConfig(max_failures)``, Ray Train restarts the worker group when a worker dies, and the
-loop resumes from the newest complete checkpoint under ``RUN_DIR/checkpoints`` (the same resume path
-as re-running ``rpg-dist train``). Ray's own storage only holds its run bookkeeping.
+batches. Fault tolerance: with ``FailureConfig(max_failures)``, Ray Train restarts the worker group
+when a worker dies, and the loop resumes from the newest complete checkpoint under
+``RUN_DIR/checkpoints`` (the same resume path as re-running ``rpg-dist train``). Ray's own storage only holds its run bookkeeping.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def run_ray(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rpg_dist.model.export import read_model_metadata
+
     tc = cfg.train
     init_ray(cfg.ray)
     _check_resources(cfg, ray.cluster_resources())
