@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
     p.set_defaults(handler=_recommend)
 
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (Ray Serve)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=_positive_int, default=None, help="replicas of the service (default 1)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a serve setting, e.g. --set max_batch_size=32 (repeatable)")
+    p.set_defaults(handler=_serve)
+
     p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     _add_config_args(p)
@@ -228,6 +238,29 @@ def _recommend(args: argparse.Namespace) -> int:
     histories = [parse_history(h) for h in args.history]
     results = recommender.recommend(histories, k=args.k, full_ranking=args.full_ranking)
     print_recommendations(histories, results)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from rpg_dist import configlib
+    from rpg_dist.serve.config import ServeConfig
+
+    flags = {"host": args.host, "port": args.port, "replicas": args.replicas}
+    data = configlib.apply_overrides(ServeConfig, {k: v for k, v in flags.items() if v is not None}, args.overrides)
+    cfg = configlib.build(ServeConfig, data, "serve")
+    from rpg_dist.serve import app
+
+    url = app.start(args.run, cfg, args.address)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    print(f"serving {args.run} at {url} (POST /recommend, GET /healthz, GET /info); Ctrl-C stops", flush=True)
+    stopped.wait()
+    app.stop(local=args.address is None)
+    print("stopped", flush=True)
     return 0
 
 

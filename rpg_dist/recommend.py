@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import torch
 from rpg_dist import io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
-from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
+from rpg_dist.decode.graph_decode import GraphDecoder, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import right_pad
@@ -45,46 +46,72 @@ def parse_history(text: str) -> list[int]:
     return history
 
 
+@dataclass
+class Ranked:
+    """Top items of a batch of queries, best first."""
+
+    rows: torch.Tensor  # (B, K) int64 item rows; -1 past a query's own k (or where items ran out)
+    scores: torch.Tensor  # (B, K) float32; -inf where rows is -1
+    n_visited: torch.Tensor  # (B,) int64 items scored per query
+
+
 class Recommender:
-    """A trained run loaded for serving: model, item codes, kNN graph and item titles."""
+    """A trained run loaded for serving: model, item codes, kNN graph, item titles and popularity.
+
+    ``rank`` is the one vectorised entry point (the service batches requests into it);
+    ``recommend`` wraps it for lists of item ids.
+    """
 
     def __init__(self, model, item_ids: np.ndarray, titles: np.ndarray, neighbors: torch.Tensor | None,
-                 decode: DecodeConfig, max_seq_len: int) -> None:
+                 popularity: torch.Tensor, decode: DecodeConfig, max_seq_len: int) -> None:
         from rpg_dist.data.items import ItemIndex
 
         self.model = model
         self.index = ItemIndex(item_ids)
         self.titles = titles  # (N,) str, by dense row
-        self.neighbors = neighbors
+        self.neighbors = neighbors  # (N, k) int32 graph rows, or None: full ranking only
+        self.popularity = popularity  # (N,) int64 training occurrences (popular / history starts)
         self.decode_cfg = decode
         self.max_seq_len = max_seq_len
+        # GraphDecoder copies the codes into its layout once: one decoder per beam width, reused.
+        self._decoders: dict[int, GraphDecoder] = {}
 
     @classmethod
-    def load(cls, run_dir: str, storage: StorageConfig | None = None) -> Recommender:
+    def load(cls, run_dir: str, storage: StorageConfig | None = None, start: str | None = None) -> Recommender:
         """Load ``run_dir`` (local or any fsspec URI) on CPU, without DeepSpeed or Ray.
+
+        ``start`` overrides the run's ``decode.start`` (random, popular or history).
 
         Raises:
             StageError: the run has no trained model (or no ``config.yaml``).
         """
         from rpg_dist.config import read_run_config
-        from rpg_dist.data.dataset import read_items
+        from rpg_dist.data.dataset import read_items, read_sequences
+        from rpg_dist.data.splits import leave_one_out
+        from rpg_dist.evaluation.stage import popularity
         from rpg_dist.graph.store import load_graph
         from rpg_dist.model.export import load_model
+        from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 
         cfg = read_run_config(run_dir, storage)
         storage = storage or cfg.storage
         model = load_model(run_dir, storage)
-        from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
-
+        model.eval()
         index = load_semantic_ids(RunPaths(run_dir).semantic_ids, storage).index
         neighbors = None
         if io.exists(RunPaths(run_dir).graph_manifest, storage):
             neighbors = torch.from_numpy(load_graph(run_dir, index, storage).neighbors)
         titles = _titles(read_items(cfg.dataset, storage, columns=None), index)
-        return cls(model, index.item_ids, titles, neighbors, cfg.decode, cfg.model.max_seq_len)
+        decode = dataclasses.replace(cfg.decode, start=start or cfg.decode.start)
+        counts = torch.zeros(len(index), dtype=torch.int64)
+        if decode.start != "random":
+            split = leave_one_out(read_sequences(cfg.dataset, storage), max_len=cfg.model.max_seq_len)
+            counts = popularity(split.train, index)
+        return cls(model, index.item_ids, titles, neighbors, counts, decode, cfg.model.max_seq_len)
 
     @torch.no_grad()
-    def recommend(self, histories: list[list[int]], k: int = 10, full_ranking: bool = False) -> list[list[Recommendation]]:
+    def recommend(self, histories: list[list[int]], k: int = 10, full_ranking: bool = False,
+                  exclude_history: bool = False) -> list[list[Recommendation]]:
         """Top-``k`` items after each history (item ids, oldest first), best first.
 
         Raises:
@@ -95,21 +122,57 @@ class Recommender:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
             raise DataError(f"k: {k!r} must be a whole number from 1 to the catalogue's {n_items} items")
         items, lengths = self._batch(histories)
-        log_probs = self.model.next_token_log_probs(items, lengths).float()  # (B, m, V)
-        codes = self.model.item_codes
-        if full_ranking or self.neighbors is None:
-            rows, scores = full_ranking_topk(log_probs, codes, k)
-        else:
-            beams = max(self.decode_cfg.num_beams, k)
-            decoder = GraphDecoder(codes, self.neighbors, beams, self.decode_cfg.steps)
-            generator = torch.Generator().manual_seed(self.decode_cfg.seed)
-            result = decoder.decode(log_probs, random_start_items(len(histories), codes.shape[0], beams, generator), k)
-            rows, scores = result.items, result.scores
-        ids = self.index.ids(rows.numpy())
+        ranked = self.rank(items, lengths, torch.full((len(histories),), k),
+                           torch.full((len(histories),), exclude_history), full_ranking)
         return [
-            [Recommendation(int(i), float(s), str(self.titles[r])) for i, s, r in zip(id_row, score_row, row)]
-            for id_row, score_row, row in zip(ids, scores.numpy(), rows.numpy())
+            [Recommendation(int(self.index.item_ids[r]), float(s), str(self.titles[r]))
+             for r, s in zip(rows, scores) if r >= 0]
+            for rows, scores in zip(ranked.rows.tolist(), ranked.scores.tolist())
         ]
+
+    @torch.no_grad()
+    def rank(self, items: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, exclude: torch.Tensor,
+             full_ranking: bool = False) -> Ranked:
+        """Top ``k[i]`` item rows after each history, by graph decoding (full ranking without a graph).
+
+        Args:
+            items: (B, T) history rows, right-padded with -1 (at most ``max_seq_len`` per row).
+            lengths: (B,) history lengths, >= 1.
+            k: (B,) items wanted per query, 1..n_items.
+            exclude: (B,) bool, drop the query's own history items from its answer.
+        """
+        n_items = len(self.index)
+        # Excluded history items can take up to len(history) places: rank that many more.
+        need = torch.clamp(k + torch.where(exclude, lengths, 0), max=n_items)  # (B,)
+        log_probs = self.model.next_token_log_probs(items, lengths).float()  # (B, m, V)
+        if full_ranking or self.neighbors is None:
+            rows, scores = full_ranking_topk(log_probs, self.model.item_codes, int(need.max()))
+            visited = torch.full((len(lengths),), n_items, dtype=torch.int64)
+            return _keep_top(rows, scores, visited, items, exclude, k)
+        beams = beam_widths(need, self.decode_cfg.num_beams, n_items)
+        width = int(beams.max())
+        rows = torch.full((len(lengths), width), -1, dtype=torch.int64)
+        scores = torch.full((len(lengths), width), float("-inf"))
+        visited = torch.zeros(len(lengths), dtype=torch.int64)
+        # One decode per beam width (a handful: widths are num_beams times powers of two), so a
+        # query's answer depends on its own k and history only, never on the batch it came in.
+        for b in beams.unique().tolist():
+            group = torch.nonzero(beams == b).squeeze(1)
+            result = self._decode(log_probs[group], items[group], lengths[group], b)
+            rows[group, :b], scores[group, :b], visited[group] = result.items, result.scores, result.n_visited
+        return _keep_top(rows, scores, visited, items, exclude, k)
+
+    def _decode(self, log_probs: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, beams: int):
+        decode = dataclasses.replace(self.decode_cfg, num_beams=beams)
+        generator = torch.Generator().manual_seed(decode.seed)
+        start = start_items(decode, items, lengths, self.neighbors, self.popularity, len(self.index), generator)
+        return self._decoder(beams).decode(log_probs, start)
+
+    def _decoder(self, beams: int) -> GraphDecoder:
+        if beams not in self._decoders:
+            self._decoders[beams] = GraphDecoder(self.model.item_codes, self.neighbors, beams,
+                                                 self.decode_cfg.steps, self.decode_cfg.chunk_size)
+        return self._decoders[beams]
 
     def _batch(self, histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (B, T) dense rows of the last ``max_seq_len`` items of each history."""
@@ -119,6 +182,25 @@ class Recommender:
         lengths = np.array([len(h) for h in trimmed])
         rows = self.index.rows([i for h in trimmed for i in h], what="history")
         return torch.from_numpy(right_pad(rows, lengths)), torch.from_numpy(lengths)
+
+
+def beam_widths(need: torch.Tensor, num_beams: int, n_items: int) -> torch.Tensor:
+    """(B,) beams per query: ``num_beams``, doubled until it holds the ``need`` items, at most n_items."""
+    doublings = torch.ceil(torch.log2(need.double() / num_beams)).clamp(min=0)
+    return torch.clamp(num_beams * torch.pow(2, doublings).long(), max=n_items)
+
+
+def _keep_top(rows: torch.Tensor, scores: torch.Tensor, visited: torch.Tensor, items: torch.Tensor,
+              exclude: torch.Tensor, k: torch.Tensor) -> Ranked:
+    """Drop each query's history items where ``exclude``, then keep its first ``k`` in rank order."""
+    seen = (rows.unsqueeze(2) == items.unsqueeze(1)).any(dim=2) & exclude.unsqueeze(1)  # (B, K)
+    order = torch.sort(seen.to(torch.int8), dim=1, stable=True).indices  # kept first, rank order kept
+    rows, scores, seen = rows.gather(1, order), scores.gather(1, order), seen.gather(1, order)
+    drop = seen | (torch.arange(rows.shape[1]).unsqueeze(0) >= k.unsqueeze(1))
+    width = int(k.max())
+    rows = torch.where(drop, -1, rows)[:, :width]
+    scores = torch.where(drop, float("-inf"), scores)[:, :width]
+    return Ranked(rows, scores, visited)
 
 
 def _titles(items, index) -> np.ndarray:

@@ -382,3 +382,20 @@ def s3_via_proxy(s3_bucket):
     via = StorageConfig(endpoint_url=f"http://127.0.0.1:{proxy.port}", options=fast_fail)
     yield proxy, via, StorageConfig(endpoint_url=endpoint), bucket
     proxy.cut()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One complete tiny run through the CLI (`rpg-dist run`): (config path, run dir, its output).
+    Shared by the pipeline and serving tests; tests that change a run work on their own copy."""
+    import yaml
+
+    from helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("pipeline")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(str(root / "dataset"), str(root / "run"))))
+    rpg = str(Path(sys.executable).parent / "rpg-dist")
+    out = subprocess.run([rpg, "run", "--config", str(config)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return str(config), str(root / "run"), out

@@ -35,16 +35,6 @@ def _run_ids(run_dir: str, storage=None) -> dict[str, str]:
             for s in ("tokenize", "train", "build-graph", "evaluate")}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One complete tiny run through the CLI (`rpg-dist run`), shared by the tests below."""
-    root = tmp_path_factory.mktemp("pipeline")
-    config = _write_config(root / "tiny.yaml", tiny_config(str(root / "dataset"), str(root / "run")))
-    out = subprocess.run([RPG, "run", "--config", config], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return config, str(root / "run"), out
-
-
 def own_copy(tiny_run, tmp_path, overrides=()):
     """The shared run copied to this test's folder, and its config pointed there: a test that
     re-runs stages changes only its copy, so the tests do not depend on their order."""

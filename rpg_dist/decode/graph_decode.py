@@ -93,6 +93,18 @@ def history_start_items(items: torch.Tensor, lengths: torch.Tensor, neighbors: t
     return first_distinct(pool, n_beams)
 
 
+def start_items(decode, items: torch.Tensor, lengths: torch.Tensor, neighbors: torch.Tensor,
+                counts: torch.Tensor, n_items: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, b) start rows for ``decode.start`` (a DecodeConfig): random (the paper), popular, or
+    history-seeded with the most frequent training items (``counts``, (N,)) as the fallback."""
+    if decode.start == "popular":
+        return popular_start_items(counts, len(lengths), decode.num_beams)
+    if decode.start == "history":
+        fallback = popular_start_items(counts, 1, min(2 * decode.num_beams, n_items))[0]
+        return history_start_items(items, lengths, neighbors, fallback, decode.num_beams)
+    return random_start_items(len(lengths), n_items, decode.num_beams, generator)
+
+
 def first_distinct(pool: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` distinct non-negative values of each row of ``pool`` (B, L), in order."""
     order = torch.sort(pool, dim=1, stable=True).indices  # equal values: earliest position first

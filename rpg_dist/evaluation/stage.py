@@ -28,7 +28,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.data.dataset import read_sequences
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import EvalExamples, leave_one_out
-from rpg_dist.decode.graph_decode import GraphDecoder, history_start_items, popular_start_items, random_start_items
+from rpg_dist.decode.graph_decode import GraphDecoder, popular_start_items, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
 from rpg_dist.errors import ConfigError
 from rpg_dist.evaluation.metrics import ranking_metrics
@@ -182,16 +182,6 @@ def _evaluate_split(cfg: Config, model, codes, graph_decoder, counts, queries: Q
         timings[f"{name}_full_ranking_s"] = spent["full"]
         log.info("%s: full ranking %s", name, _fmt(full))
     return graph, full
-
-
-def start_items(decode, items, lengths, neighbors, counts, n_items: int, generator) -> torch.Tensor:
-    """(B, b) start rows for ``decode.start``: random (the paper), popular, or history-seeded."""
-    if decode.start == "popular":
-        return popular_start_items(counts, len(lengths), decode.num_beams)
-    if decode.start == "history":
-        fallback = popular_start_items(counts, 1, min(2 * decode.num_beams, n_items))[0]
-        return history_start_items(items, lengths, neighbors, fallback, decode.num_beams)
-    return random_start_items(len(lengths), n_items, decode.num_beams, generator)
 
 
 def _add_step_stats(total: list[dict[str, int]], batch: list[dict[str, int]]) -> None:

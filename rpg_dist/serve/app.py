@@ -1,0 +1,195 @@
+"""``rpg-dist serve``: a trained run behind Ray Serve's HTTP proxy.
+
+    app = build_app("runs/beauty", ServeConfig())
+    serve.run(app, name=APP_NAME, route_prefix="/")   # after serve.start(http_options=...)
+
+Concurrent requests reach one replica's ``_rank_batch`` together (``@serve.batch``) and are decoded
+by one vectorised ``Recommender.rank`` call; the decoder runs on a worker thread so the replica
+keeps accepting the requests that form the next batch meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+
+import numpy as np
+import torch
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from rpg_dist.serve import api
+from rpg_dist.serve.config import TOKEN_ENV, ServeConfig
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "rpg-dist"
+
+
+@serve.deployment(name="Recommender")
+class RecommenderService:
+    """One replica: the run loaded once (model in eval mode, graph in memory), requests batched."""
+
+    def __init__(self, run_dir: str, cfg: ServeConfig, token_sha256: str | None) -> None:
+        from rpg_dist.recommend import Recommender
+
+        torch.set_num_threads(max(1, int(cfg.num_cpus_per_replica)))
+        self.cfg = cfg
+        self.token_sha256 = token_sha256
+        self.recommender = Recommender.load(run_dir, start=None if cfg.start == "run" else cfg.start)
+        self.limits = api.Limits(cfg.max_body_bytes, cfg.max_histories, cfg.max_history_len, cfg.max_k)
+        self.info = _run_info(run_dir, self.recommender, cfg)
+        # This replica's counts: requests per batch shows how well concurrent requests merge.
+        self.served = {"requests": 0, "batches": 0, "histories": 0}
+        self._rank_batch.set_max_batch_size(cfg.max_batch_size)
+        self._rank_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(await self._route(request))
+        except api.RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        except Exception:  # a bug, not the client's fault: log it here, never send the traceback
+            log.exception("request %s %s failed", request.method, request.url.path)
+            return JSONResponse({"error": "internal error; see the replica's log", "field": ""}, status_code=500)
+
+    async def _route(self, request: Request) -> dict:
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        routes = {"/healthz": "GET", "/info": "GET", "/recommend": "POST"}
+        if path not in routes:
+            raise api.RequestError(404, "path", f"no route {path}; routes are {sorted(routes)}")
+        if method != routes[path]:
+            raise api.RequestError(405, "method", f"{path} takes {routes[path]}, not {method}")
+        if path == "/healthz":
+            return {"status": "ok"}
+        self._authorize(request)
+        if path == "/info":
+            return {**self.info, "replica": serve.get_replica_context().replica_id.to_full_id_str(),
+                    "served": dict(self.served)}
+        payload = api.parse_json(await _read_body(request, self.cfg.max_body_bytes))
+        parsed = api.parse_recommend(payload, self.recommender.index, self.recommender.max_seq_len, self.limits)
+        results = await self._rank_batch(parsed)
+        return {"results": results} if parsed.many else results[0]
+
+    def _authorize(self, request: Request) -> None:
+        if self.token_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
+            raise api.RequestError(401, "authorization", "missing or wrong bearer token")
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _rank_batch(self, requests: list[api.RecommendRequest]) -> list[list[dict]]:
+        """Every history of every request in one ``rank`` call; answers split back per request."""
+        from rpg_dist.model.rpg import right_pad
+
+        lengths = np.concatenate([r.lengths for r in requests])
+        items = torch.from_numpy(right_pad(np.concatenate([r.rows for r in requests]), lengths))
+        k = torch.from_numpy(np.repeat([r.k for r in requests], [len(r.lengths) for r in requests]))
+        exclude = torch.from_numpy(np.repeat([r.exclude_history for r in requests], [len(r.lengths) for r in requests]))
+        ranked = await asyncio.to_thread(self.recommender.rank, items, torch.from_numpy(lengths), k, exclude)
+        answers = self._answers(ranked)
+        self.served["requests"] += len(requests)
+        self.served["batches"] += 1
+        self.served["histories"] += len(lengths)
+        bounds = np.cumsum([0] + [len(r.lengths) for r in requests])
+        return [answers[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def _answers(self, ranked) -> list[dict]:
+        rows, scores = ranked.rows.numpy(), ranked.scores.numpy()
+        kept = rows >= 0
+        ids = self.recommender.index.item_ids[np.where(kept, rows, 0)]
+        titles = self.recommender.titles
+        return [api.answer(ids[q][kept[q]], scores[q][kept[q]], titles[rows[q][kept[q]]].tolist(), int(n))
+                for q, n in enumerate(ranked.n_visited.tolist())]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise api.RequestError(413, "body", f"body of {declared} bytes; at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise api.RequestError(413, "body", f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _run_info(run_dir: str, recommender, cfg: ServeConfig) -> dict:
+    from rpg_dist import io
+    from rpg_dist.artifacts import RunPaths
+    from rpg_dist.config import read_run_config
+
+    paths, storage = RunPaths(run_dir), read_run_config(run_dir).storage
+    manifest = paths.stage_manifest("build-graph")
+    graph = io.read_json(manifest, storage) if io.exists(manifest, storage) else {}
+    return {
+        "run": run_dir,
+        "n_items": len(recommender.index),
+        "graph_version": graph.get("run_id"),
+        "decoding": "graph" if recommender.neighbors is not None else "full_ranking",
+        "config_sha256": hashlib.sha256(io.read_bytes(io.join(run_dir, "config.yaml"), storage)).hexdigest(),
+        "model_sha256": hashlib.sha256(io.read_bytes(paths.model_weights, storage)).hexdigest(),
+        "decode": {"num_beams": recommender.decode_cfg.num_beams, "steps": recommender.decode_cfg.steps,
+                   "start": recommender.decode_cfg.start},
+        "max_seq_len": recommender.max_seq_len,
+        "limits": {"max_k": min(cfg.max_k, len(recommender.index)), "max_histories": cfg.max_histories,
+                   "max_history_len": cfg.max_history_len, "max_body_bytes": cfg.max_body_bytes},
+    }
+
+
+def build_app(run_dir: str, cfg: ServeConfig):
+    """The Serve application of ``run_dir``: ``cfg.replicas`` replicas of the service.
+
+    Raises:
+        ConfigError: ``cfg.host`` reaches beyond this machine and no token is set (see TOKEN_ENV).
+    """
+    from rpg_dist.errors import ConfigError
+
+    token = os.environ.get(TOKEN_ENV)
+    if not token and not cfg.is_loopback() and not cfg.allow_unauthenticated:
+        raise ConfigError(f"host: {cfg.host} is reachable beyond this machine; set {TOKEN_ENV} to require a "
+                          "bearer token, or serve.allow_unauthenticated=true")
+    digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    deployment = RecommenderService.options(
+        num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus_per_replica}, max_constructor_retry_count=2,
+    )
+    return deployment.bind(run_dir, cfg, digest)
+
+
+def start(run_dir: str, cfg: ServeConfig, address: str | None = None) -> str:
+    """Join (or start) Ray, start Serve's proxy on ``cfg.host:cfg.port`` and deploy ``run_dir``;
+    returns the service's URL once every replica has loaded the run.
+
+    Raises:
+        StageError: ``run_dir`` has no config or trained model (checked before anything starts).
+    """
+    from rpg_dist.config import RayConfig, read_run_config
+    from rpg_dist.model.export import read_model_metadata
+    from rpg_dist.raycluster import init_ray
+
+    read_model_metadata(run_dir, read_run_config(run_dir).storage)
+    app = build_app(run_dir, cfg)
+    init_ray(RayConfig(address=address))
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def stop(local: bool) -> None:
+    """Remove the application; on a Ray started by ``start`` (``local``) also Serve and Ray."""
+    import ray
+
+    serve.delete(APP_NAME)
+    if local:
+        serve.shutdown()
+        ray.shutdown()
