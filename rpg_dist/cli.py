@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
     p.set_defaults(handler=_recommend)
 
+    p = sub.add_parser("add-items", help="add items to a trained run's catalogue (no retraining)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--items", required=True, help="parquet file or folder: item_id, text (or embedding), title")
+    _add_storage_args(p)
+    p.set_defaults(handler=_add_items)
+
+    p = sub.add_parser("withdraw-items", help="take items out of a trained run's catalogue")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--ids", required=True, help="comma-separated item ids")
+    _add_storage_args(p)
+    p.set_defaults(handler=_withdraw_items)
+
     p = sub.add_parser("serve", help="serve a trained run over HTTP (Ray Serve)")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
@@ -238,6 +250,30 @@ def _recommend(args: argparse.Namespace) -> int:
     histories = [parse_history(h) for h in args.history]
     results = recommender.recommend(histories, k=args.k, full_ranking=args.full_ranking)
     print_recommendations(histories, results)
+    return 0
+
+
+def _add_items(args: argparse.Namespace) -> int:
+    from rpg_dist import catalogue
+    from rpg_dist.recommend import Recommender
+
+    recommender = Recommender.load(args.run, _storage(args))
+    change = catalogue.read_new_items(args.items, catalogue.ItemEncoder(args.run, _storage(args)), _storage(args))
+    version = catalogue.change_and_commit(recommender, args.run, change, recommender.version, _storage(args))
+    _print_json({"added": len(change.item_ids), "version": version, "n_items": len(recommender.index)})
+    return 0
+
+
+def _withdraw_items(args: argparse.Namespace) -> int:
+    from rpg_dist import catalogue
+    from rpg_dist.data.items import as_item_ids
+    from rpg_dist.recommend import Recommender, parse_history
+
+    ids = as_item_ids(parse_history(args.ids, "--ids"), "--ids")
+    recommender = Recommender.load(args.run, _storage(args))
+    change = catalogue.Change("withdraw", ids)
+    version = catalogue.change_and_commit(recommender, args.run, change, recommender.version, _storage(args))
+    _print_json({"withdrawn": int(recommender.withdrawn.sum()), "version": version})
     return 0
 
 

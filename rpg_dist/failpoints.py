@@ -7,7 +7,8 @@ process starts, so every worker inherits it), the first process that reaches poi
 itself with SIGKILL, as a crash at that point would. Without the variable ``reach`` returns at once.
 
 Points: ``shard-committed`` (a tokenize worker, after committing a shard's part and manifest),
-``checkpoint-committed-rank{R}`` (training rank R, after a checkpoint is complete).
+``checkpoint-committed-rank{R}`` (training rank R, after a checkpoint is complete),
+``catalogue-change-written`` (a catalogue change written, its version not yet current).
 """
 
 from __future__ import annotations

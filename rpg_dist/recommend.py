@@ -35,14 +35,14 @@ class Recommendation:
     title: str
 
 
-def parse_history(text: str) -> list[int]:
+def parse_history(text: str, flag: str = "--history") -> list[int]:
     """``"12,55,901"`` -> ``[12, 55, 901]``; anything but comma-separated integers is an error."""
     try:
         history = [int(token) for token in text.replace(" ", "").split(",") if token]
     except ValueError:
-        raise DataError(f"--history {text!r}: expected comma-separated item ids, e.g. 12,55,901") from None
+        raise DataError(f"{flag} {text!r}: expected comma-separated item ids, e.g. 12,55,901") from None
     if not history:
-        raise DataError(f"--history {text!r}: empty history")
+        raise DataError(f"{flag} {text!r}: no item ids")
     return history
 
 
@@ -75,12 +75,18 @@ class Recommender:
         self.max_seq_len = max_seq_len
         # GraphDecoder copies the codes into its layout once: one decoder per beam width, reused.
         self._decoders: dict[int, GraphDecoder] = {}
+        # (N,) items taken out of the catalogue (catalogue.py): never answered, never a neighbour.
+        self.withdrawn = torch.zeros(len(self.index), dtype=torch.bool)
+        self._tables: torch.Tensor | None = None  # (m, V, V) digit cosine tables, for graph changes
+        self.version = 0  # the catalogue version served
 
     @classmethod
-    def load(cls, run_dir: str, storage: StorageConfig | None = None, start: str | None = None) -> Recommender:
+    def load(cls, run_dir: str, storage: StorageConfig | None = None, start: str | None = None,
+             changes: bool = True) -> Recommender:
         """Load ``run_dir`` (local or any fsspec URI) on CPU, without DeepSpeed or Ray.
 
-        ``start`` overrides the run's ``decode.start`` (random, popular or history).
+        ``start`` overrides the run's ``decode.start`` (random, popular or history); ``changes``
+        replays the catalogue's committed changes (catalogue.py) on the trained one.
 
         Raises:
             StageError: the run has no trained model (or no ``config.yaml``).
@@ -107,7 +113,12 @@ class Recommender:
         if decode.start != "random":
             split = leave_one_out(read_sequences(cfg.dataset, storage), max_len=cfg.model.max_seq_len)
             counts = popularity(split.train, index)
-        return cls(model, index.item_ids, titles, neighbors, counts, decode, cfg.model.max_seq_len)
+        recommender = cls(model, index.item_ids, titles, neighbors, counts, decode, cfg.model.max_seq_len)
+        if changes:
+            from rpg_dist import catalogue
+
+            recommender.version = catalogue.replay(recommender, run_dir, storage)
+        return recommender
 
     @torch.no_grad()
     def recommend(self, histories: list[list[int]], k: int = 10, full_ranking: bool = False,
@@ -146,9 +157,11 @@ class Recommender:
         need = torch.clamp(k + torch.where(exclude, lengths, 0), max=n_items)  # (B,)
         log_probs = self.model.next_token_log_probs(items, lengths).float()  # (B, m, V)
         if full_ranking or self.neighbors is None:
-            rows, scores = full_ranking_topk(log_probs, self.model.item_codes, int(need.max()))
+            # Withdrawn items can take places too (graph lists never hold them).
+            width = min(n_items, int(need.max()) + int(self.withdrawn.sum()))
+            rows, scores = full_ranking_topk(log_probs, self.model.item_codes, width)
             visited = torch.full((len(lengths),), n_items, dtype=torch.int64)
-            return _keep_top(rows, scores, visited, items, exclude, k)
+            return _keep_top(rows, scores, visited, items, exclude, k, self.withdrawn)
         beams = beam_widths(need, self.decode_cfg.num_beams, n_items)
         width = int(beams.max())
         rows = torch.full((len(lengths), width), -1, dtype=torch.int64)
@@ -160,13 +173,60 @@ class Recommender:
             group = torch.nonzero(beams == b).squeeze(1)
             result = self._decode(log_probs[group], items[group], lengths[group], b)
             rows[group, :b], scores[group, :b], visited[group] = result.items, result.scores, result.n_visited
-        return _keep_top(rows, scores, visited, items, exclude, k)
+        return _keep_top(rows, scores, visited, items, exclude, k, self.withdrawn)
 
     def _decode(self, log_probs: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, beams: int):
         decode = dataclasses.replace(self.decode_cfg, num_beams=beams)
         generator = torch.Generator().manual_seed(decode.seed)
-        start = start_items(decode, items, lengths, self.neighbors, self.popularity, len(self.index), generator)
+        # Withdrawn history items do not seed beams (their lists are empty anyway).
+        seeds = torch.where((items >= 0) & self.withdrawn[items.clamp(min=0)], -1, items)
+        start = start_items(decode, seeds, lengths, self.neighbors, self.popularity, len(self.index), generator)
         return self._decoder(beams).decode(log_probs, start)
+
+    def add_items(self, item_ids: np.ndarray, codes: np.ndarray, titles: list[str]) -> None:
+        """Insert new items: rows are re-dealt in id order, the graph gets their exact lists and
+        the reverse edges they earn (graph/update.py). ``codes`` (n, m) from the trained tokenizer."""
+        from rpg_dist.data.items import ItemIndex
+        from rpg_dist.graph.update import insert_items
+
+        n_old = len(self.index)
+        all_ids = np.concatenate([self.index.item_ids, np.asarray(item_ids, np.int64)])
+        index = ItemIndex(all_ids)
+        to_row = torch.from_numpy(index.rows(all_ids))  # (n_old + n_new,) new row of each entry
+        old = to_row[:n_old]
+        codes_all = torch.empty(len(all_ids), codes.shape[1], dtype=torch.int16)
+        codes_all[to_row] = torch.cat([self.model.item_codes.cpu(), torch.from_numpy(np.array(codes, np.int16))])
+        titles_all = np.empty(len(all_ids), dtype=object)
+        titles_all[to_row.numpy()] = np.concatenate([self.titles, np.array(list(titles), dtype=object)])
+        self.popularity = _moved(self.popularity, old, len(all_ids), 0)
+        self.withdrawn = _moved(self.withdrawn, old, len(all_ids), False)
+        self.index, self.titles = index, titles_all
+        self.model.item_codes = codes_all
+        if self.neighbors is not None:
+            lists = _moved(torch.where(self.neighbors >= 0, old[self.neighbors.long().clamp(min=0)], -1),
+                           old, len(all_ids), -1)
+            self.neighbors = insert_items(self._digit_tables(), codes_all, lists, to_row[n_old:],
+                                          ~self.withdrawn).to(torch.int32)
+        self._decoders.clear()
+
+    def withdraw(self, item_ids: np.ndarray) -> None:
+        """Take items out: never answered again, out of every graph list (the lists refilled exactly)."""
+        from rpg_dist.graph.update import remove_items
+
+        rows = torch.from_numpy(self.index.rows(item_ids, what="withdrawn items"))
+        self.withdrawn[rows] = True
+        self.popularity[rows] = -1  # never a popular start
+        if self.neighbors is not None:
+            self.neighbors = remove_items(self._digit_tables(), self.model.item_codes, self.neighbors, rows,
+                                          ~self.withdrawn).to(torch.int32)
+        self._decoders.clear()
+
+    def _digit_tables(self) -> torch.Tensor:
+        from rpg_dist.graph.similarity import digit_similarity_tables
+
+        if self._tables is None:
+            self._tables = digit_similarity_tables(self.model.token_embeddings)
+        return self._tables
 
     def _decoder(self, beams: int) -> GraphDecoder:
         if beams not in self._decoders:
@@ -184,6 +244,13 @@ class Recommender:
         return torch.from_numpy(right_pad(rows, lengths)), torch.from_numpy(lengths)
 
 
+def _moved(values: torch.Tensor, old_rows: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """(n, ...) with ``values[i]`` at ``old_rows[i]`` and ``fill`` in the new rows."""
+    out = torch.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+    out[old_rows] = values
+    return out
+
+
 def beam_widths(need: torch.Tensor, num_beams: int, n_items: int) -> torch.Tensor:
     """(B,) beams per query: ``num_beams``, doubled until it holds the ``need`` items, at most n_items."""
     doublings = torch.ceil(torch.log2(need.double() / num_beams)).clamp(min=0)
@@ -191,9 +258,12 @@ def beam_widths(need: torch.Tensor, num_beams: int, n_items: int) -> torch.Tenso
 
 
 def _keep_top(rows: torch.Tensor, scores: torch.Tensor, visited: torch.Tensor, items: torch.Tensor,
-              exclude: torch.Tensor, k: torch.Tensor) -> Ranked:
-    """Drop each query's history items where ``exclude``, then keep its first ``k`` in rank order."""
+              exclude: torch.Tensor, k: torch.Tensor, banned: torch.Tensor | None = None) -> Ranked:
+    """Drop each query's history items where ``exclude`` and every ``banned`` (N,) item, then keep
+    its first ``k`` in rank order."""
     seen = (rows.unsqueeze(2) == items.unsqueeze(1)).any(dim=2) & exclude.unsqueeze(1)  # (B, K)
+    if banned is not None:
+        seen |= (rows >= 0) & banned[rows.clamp(min=0)]
     order = torch.sort(seen.to(torch.int8), dim=1, stable=True).indices  # kept first, rank order kept
     rows, scores, seen = rows.gather(1, order), scores.gather(1, order), seen.gather(1, order)
     drop = seen | (torch.arange(rows.shape[1]).unsqueeze(0) >= k.unsqueeze(1))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 RPG = str(Path(sys.executable).parent / "rpg-dist")
-SUBCOMMANDS = ["prepare", "synth", "tokenize", "train", "build-graph", "evaluate", "run", "recommend", "serve", "submit"]
+SUBCOMMANDS = ["prepare", "synth", "tokenize", "train", "build-graph", "evaluate", "run", "recommend", "add-items", "withdraw-items", "serve", "submit"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

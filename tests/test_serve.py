@@ -71,11 +71,11 @@ def test_bad_json_is_400_on_the_body(body):
     assert (err.value.status, err.value.field) == (400, "body")
 
 
-def test_histories_keep_their_last_max_seq_len_items_as_rows():
+def test_histories_keep_their_last_max_seq_len_items():
     parsed = api.parse_recommend({"histories": [[5, 17, 44, 300], [2**62], [300, 5]], "k": 2},
                                  INDEX, max_seq_len=3, limits=LIMITS)
     assert parsed.lengths.tolist() == [3, 1, 2] and parsed.many and parsed.k == 2 and parsed.exclude_history
-    assert INDEX.ids(parsed.rows).tolist() == [17, 44, 300, 2**62, 300, 5]
+    assert parsed.item_ids.tolist() == [17, 44, 300, 2**62, 300, 5]
 
 
 def test_keep_top_matches_a_per_query_filter():
@@ -346,3 +346,44 @@ def test_a_killed_replica_is_replaced_under_load(serve_local):
     assert statuses.count(200) > 0 and set(statuses) <= {0, 200, 500, 502, 503}, set(statuses)
     after = [requests.post(url + "/recommend", json={"history": [5, 17]}, timeout=60) for _ in range(20)]
     assert [a.status_code for a in after] == [200] * 20
+
+
+@pytest.mark.slow
+def test_catalogue_changes_through_the_api_reach_every_replica(serve_local, tmp_path):
+    import shutil
+
+    url, port, shared_run = serve_local
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(shared_run, run_dir)
+    _deploy(run_dir, port=port, replicas=2, num_cpus_per_replica=0.5, catalogue_poll_s=0)
+    new = {"items": [{"item_id": 5001, "text": "Belus eco-friendly pink rake, 3-pack. Belus. Garden, Tools, rake.",
+                      "title": "New rake"},
+                     {"item_id": 5002, "text": "Vexeon red gel pen set, small. Vexeon. Office Products, Writing."}]}
+    added = requests.post(url + "/items", json=new, timeout=300)
+    assert added.status_code == 200 and added.json() == {"added": 2, "version": 1, "n_items": 802}, added.text
+    replicas = {}
+    for _ in range(40):  # both replicas answer with the new catalogue
+        info = requests.get(url + "/info", timeout=60).json()
+        replicas[info["replica"]] = (info["catalogue_version"], info["n_items"])
+    assert len(replicas) == 2 and set(replicas.values()) == {(1, 802)}
+    answer = requests.post(url + "/recommend", json={"history": [5001], "k": 5, "exclude_history": False}, timeout=60)
+    assert 5001 in _ids(answer.json()) and "New rake" in [i["title"] for i in answer.json()["items"]]
+    bad = [
+        (requests.post(url + "/items", json=new, timeout=60), 409, "items[0].item_id"),
+        (requests.post(url + "/items", json={"items": [{"item_id": 9}]}, timeout=60), 400, "items[0].text"),
+        (requests.post(url + "/items", json={"items": [{"item_id": 9, "text": "x", "price": 3}]}, timeout=60),
+         400, "items[0].price"),
+        (requests.delete(url + "/items/424242", timeout=60), 404, "item_id"),
+        (requests.delete(url + "/items/abc", timeout=60), 400, "item_id"),
+    ]
+    for response, status, field in bad:
+        assert (response.status_code, response.json()["field"]) == (status, field), response.text
+    gone = requests.delete(url + "/items/5001", timeout=300)
+    assert gone.json() == {"withdrawn": 5001, "version": 2}
+    for _ in range(20):
+        answer = requests.post(url + "/recommend", json={"history": [5001, 5], "k": 10, "exclude_history": False},
+                               timeout=60).json()
+        assert 5001 not in _ids(answer) and len(answer["items"]) == 10
+    assert requests.delete(url + "/items/5001", timeout=60).json() == {"withdrawn": 5001, "version": 2}  # idempotent
+    restarted = Recommender.load(run_dir)
+    assert restarted.version == 2 and len(restarted.index) == 802 and int(restarted.withdrawn.sum()) == 1

@@ -20,6 +20,7 @@ import numpy as np
 from rpg_dist.data.items import ItemIndex
 
 RECOMMEND_KEYS = ("history", "histories", "k", "exclude_history")
+ITEM_KEYS = ("item_id", "text", "title", "embedding")
 INT64_MAX = 2**63 - 1
 
 
@@ -36,9 +37,9 @@ class RequestError(Exception):
 
 @dataclass
 class RecommendRequest:
-    """One request's histories as dense rows (the last ``max_seq_len`` items of each)."""
+    """One request's histories: the last ``max_seq_len`` item ids of each, all known to the catalogue."""
 
-    rows: np.ndarray  # (sum of lengths,) int64 item rows, histories one after another
+    item_ids: np.ndarray  # (sum of lengths,) int64, histories one after another
     lengths: np.ndarray  # (H,) int64
     k: int
     exclude_history: bool
@@ -68,7 +69,7 @@ def parse_json(body: bytes) -> object:
 
 
 def parse_recommend(payload: object, index: ItemIndex, max_seq_len: int, limits: Limits) -> RecommendRequest:
-    """Validate a /recommend payload and map its item ids to rows.
+    """Validate a /recommend payload (every item id must be in ``index``).
 
     Raises:
         RequestError: 400 naming the field (``history[3]``, ``k``, ...) of the first problem.
@@ -95,7 +96,7 @@ def parse_recommend(payload: object, index: ItemIndex, max_seq_len: int, limits:
     ids = [_history_ids(h, name, limits.max_history_len) for h, name in zip(histories, names)]
     sizes = np.array([len(h) for h in ids], dtype=np.int64)
     flat = np.concatenate(ids)
-    rows, known = index.find(flat)  # every id is checked, also those before the last max_seq_len
+    _, known = index.find(flat)  # every id is checked, also those before the last max_seq_len
     if not known.all():
         bad = int(np.flatnonzero(~known)[0])
         query = int(np.searchsorted(np.cumsum(sizes), bad, side="right"))
@@ -104,8 +105,82 @@ def parse_recommend(payload: object, index: ItemIndex, max_seq_len: int, limits:
     lengths = np.minimum(sizes, max_seq_len)
     ends = np.cumsum(sizes)
     keep = np.arange(len(flat)) >= np.repeat(ends - lengths, sizes)  # the last max_seq_len of each
-    rows = rows[keep]
-    return RecommendRequest(rows=rows, lengths=lengths, k=k, exclude_history=exclude, many=many)
+    return RecommendRequest(item_ids=flat[keep], lengths=lengths, k=k, exclude_history=exclude, many=many)
+
+
+@dataclass
+class NewItems:
+    """A POST /items payload: ids, texts or vectors, display titles."""
+
+    item_ids: np.ndarray  # (n,) int64
+    texts: list[str] | None
+    vectors: np.ndarray | None  # (n, D) float32
+    titles: list[str]
+
+
+def parse_items(payload: object, index: ItemIndex, needs_vectors: bool, max_items: int) -> NewItems:
+    """Validate ``{"items": [{"item_id", "text" | "embedding", "title"?}, ...]}``.
+
+    Raises:
+        RequestError: 400 naming the field (``items[2].text``); 409 for an id already in the catalogue.
+    """
+    if not isinstance(payload, dict) or set(payload) != {"items"}:
+        raise RequestError(400, "items", "expected {\"items\": [{\"item_id\": ..., \"text\": ...}, ...]}")
+    items = payload["items"]
+    if not isinstance(items, list) or not 1 <= len(items) <= max_items:
+        raise RequestError(400, "items", f"expected a list of 1..{max_items} items")
+    field = "embedding" if needs_vectors else "text"
+    ids, values, titles = [], [], []
+    for i, item in enumerate(items):
+        name = f"items[{i}]"
+        if not isinstance(item, dict):
+            raise RequestError(400, name, f"expected an object, got {_kind(item)}")
+        unknown = sorted(set(item) - set(ITEM_KEYS))
+        if unknown:
+            raise RequestError(400, f"{name}.{unknown[0]}", f"unknown field; valid fields are {list(ITEM_KEYS)}")
+        item_id = item.get("item_id")
+        if type(item_id) is not int or not -INT64_MAX - 1 <= item_id <= INT64_MAX:
+            raise RequestError(400, f"{name}.item_id", f"{json.dumps(item_id)} is not an item id (a 64-bit integer)")
+        values.append(_item_value(item.get(field), f"{name}.{field}", field))
+        title = item.get("title", values[-1] if field == "text" else str(item_id))
+        if not isinstance(title, str):
+            raise RequestError(400, f"{name}.title", f"expected a string, got {_kind(title)}")
+        ids.append(item_id)
+        titles.append(title)
+    item_ids = np.array(ids, dtype=np.int64)
+    _, known = index.find(item_ids)
+    if known.any():
+        row = int(np.flatnonzero(known)[0])
+        raise RequestError(409, f"items[{row}].item_id", f"item {ids[row]} is already in the catalogue")
+    if len(set(ids)) < len(ids):
+        row = next(i for i, v in enumerate(ids) if ids.index(v) != i)
+        raise RequestError(400, f"items[{row}].item_id", f"item {ids[row]} appears twice")
+    if field == "text":
+        return NewItems(item_ids, values, None, titles)
+    if len({len(v) for v in values}) > 1:
+        raise RequestError(400, "items", "every embedding must have the same length")
+    return NewItems(item_ids, None, np.array(values, dtype=np.float32), titles)
+
+
+def parse_item_id(text: str) -> int:
+    """The ``{id}`` of ``/items/{id}``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise RequestError(400, "item_id", f"{text!r} is not an item id (a 64-bit integer)") from None
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise RequestError(400, "item_id", f"{text} is not an item id (a 64-bit integer)")
+    return value
+
+
+def _item_value(value: object, name: str, field: str):
+    if field == "text":
+        if not isinstance(value, str) or not value.strip():
+            raise RequestError(400, name, "expected a non-empty string (the item's text, as the dataset's)")
+        return value
+    if not isinstance(value, list) or not value or any(type(v) not in (int, float) for v in value):
+        raise RequestError(400, name, "expected a list of numbers (this run was tokenized from vectors)")
+    return value
 
 
 def answer(item_ids: np.ndarray, scores: np.ndarray, titles: list[str], n_visited: int) -> dict:

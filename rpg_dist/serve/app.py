@@ -40,9 +40,11 @@ class RecommenderService:
         from rpg_dist.recommend import Recommender
 
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_replica)))
-        self.cfg = cfg
+        self.cfg, self.run_dir = cfg, run_dir
         self.token_sha256 = token_sha256
         self.recommender = Recommender.load(run_dir, start=None if cfg.start == "run" else cfg.start)
+        self.encoder = None  # the run's tokenizer, loaded at the first POST /items
+        self.checked_at = time.monotonic()
         self.limits = api.Limits(cfg.max_body_bytes, cfg.max_histories, cfg.max_history_len, cfg.max_k)
         self.info = _run_info(run_dir, self.recommender, cfg)
         # This replica's counts: requests per batch shows how well concurrent requests merge.
@@ -61,21 +63,72 @@ class RecommenderService:
 
     async def _route(self, request: Request) -> dict:
         path, method = request.url.path.rstrip("/") or "/", request.method
-        routes = {"/healthz": "GET", "/info": "GET", "/recommend": "POST"}
-        if path not in routes:
-            raise api.RequestError(404, "path", f"no route {path}; routes are {sorted(routes)}")
-        if method != routes[path]:
-            raise api.RequestError(405, "method", f"{path} takes {routes[path]}, not {method}")
+        routes = {"/healthz": ("GET",), "/info": ("GET",), "/recommend": ("POST",), "/items": ("POST",)}
+        route = "/items/{id}" if path.startswith("/items/") else path
+        allowed = routes.get(route, ("DELETE",) if route == "/items/{id}" else None)
+        if allowed is None:
+            raise api.RequestError(404, "path", f"no route {path}; routes are {sorted(routes) + ['/items/{id}']}")
+        if method not in allowed:
+            raise api.RequestError(405, "method", f"{route} takes {', '.join(allowed)}, not {method}")
         if path == "/healthz":
             return {"status": "ok"}
         self._authorize(request)
         if path == "/info":
-            return {**self.info, "replica": serve.get_replica_context().replica_id.to_full_id_str(),
-                    "served": dict(self.served)}
+            return self._info()
+        if route == "/items/{id}":
+            return self._withdraw(api.parse_item_id(path[len("/items/"):]))
         payload = api.parse_json(await _read_body(request, self.cfg.max_body_bytes))
+        if path == "/items":
+            return self._add(payload)
         parsed = api.parse_recommend(payload, self.recommender.index, self.recommender.max_seq_len, self.limits)
         results = await self._rank_batch(parsed)
         return {"results": results} if parsed.many else results[0]
+
+    def _info(self) -> dict:
+        self._catch_up()
+        recommender = self.recommender
+        return {**self.info, "n_items": len(recommender.index), "n_withdrawn": int(recommender.withdrawn.sum()),
+                "catalogue_version": recommender.version,
+                "replica": serve.get_replica_context().replica_id.to_full_id_str(), "served": dict(self.served)}
+
+    def _add(self, payload: object) -> dict:
+        """POST /items: encode with the run's tokenizer, insert, commit a catalogue version."""
+        from rpg_dist import catalogue
+        from rpg_dist.errors import DataError
+
+        if self.encoder is None:
+            self.encoder = catalogue.ItemEncoder(self.run_dir)
+        new = api.parse_items(payload, self.recommender.index, self.encoder.needs_vectors, self.cfg.max_new_items)
+        try:
+            codes = self.encoder.codes(new.item_ids, new.texts, new.vectors, origin="items")
+            change = catalogue.Change("add", new.item_ids, codes, new.titles)
+            version = catalogue.change_and_commit(self.recommender, self.run_dir, change, self.recommender.version)
+        except DataError as err:
+            raise api.RequestError(400, "items", str(err)) from None
+        self.recommender.version = version
+        return {"added": len(new.item_ids), "version": version, "n_items": len(self.recommender.index)}
+
+    def _withdraw(self, item_id: int) -> dict:
+        """DELETE /items/{id}: never recommended again, out of the graph; idempotent."""
+        from rpg_dist import catalogue
+
+        self._catch_up()
+        if not self.recommender.index.find(np.array([item_id]))[1][0]:
+            raise api.RequestError(404, "item_id", f"item {item_id} is not in the catalogue")
+        change = catalogue.Change("withdraw", np.array([item_id], dtype=np.int64))
+        version = catalogue.change_and_commit(self.recommender, self.run_dir, change, self.recommender.version)
+        self.recommender.version = version
+        return {"withdrawn": item_id, "version": version}
+
+    def _catch_up(self) -> None:
+        """Serve the changes other replicas (or `rpg-dist add-items`) committed since our version."""
+        from rpg_dist import catalogue
+
+        if time.monotonic() - self.checked_at < self.cfg.catalogue_poll_s:
+            return
+        self.checked_at = time.monotonic()
+        if catalogue.current(self.run_dir)["version"] > self.recommender.version:
+            self.recommender.version = catalogue.replay(self.recommender, self.run_dir, since=self.recommender.version)
 
     def _authorize(self, request: Request) -> None:
         if self.token_sha256 is None:
@@ -90,8 +143,11 @@ class RecommenderService:
         """Every history of every request in one ``rank`` call; answers split back per request."""
         from rpg_dist.model.rpg import right_pad
 
+        self._catch_up()
+        # Ids become rows here, not at parsing: a catalogue change in between re-deals the rows.
         lengths = np.concatenate([r.lengths for r in requests])
-        items = torch.from_numpy(right_pad(np.concatenate([r.rows for r in requests]), lengths))
+        rows = self.recommender.index.rows(np.concatenate([r.item_ids for r in requests]))
+        items = torch.from_numpy(right_pad(rows, lengths))
         k = torch.from_numpy(np.repeat([r.k for r in requests], [len(r.lengths) for r in requests]))
         exclude = torch.from_numpy(np.repeat([r.exclude_history for r in requests], [len(r.lengths) for r in requests]))
         started = time.perf_counter()

@@ -33,6 +33,11 @@ class ServeConfig:
     max_histories: int = 256
     max_history_len: int = 10_000
     max_k: int = 1000
+    # Items per POST /items.
+    max_new_items: int = 10_000
+    # A replica looks for catalogue changes committed by others (catalogue.py) before a batch, at
+    # most this often; 0: before every batch.
+    catalogue_poll_s: float = 1.0
     # Beam starts for graph decoding: the user's history and its graph neighbours by default (one
     # answer per history, whatever the batch it lands in); "run" keeps the run's decode.start.
     start: Literal["run", "random", "popular", "history"] = "history"
@@ -50,6 +55,10 @@ class ServeConfig:
             raise ConfigError("num_cpus_per_replica: must be > 0")
         if self.batch_wait_timeout_s < 0:
             raise ConfigError("batch_wait_timeout_s: must be >= 0")
+        if self.catalogue_poll_s < 0:
+            raise ConfigError("catalogue_poll_s: must be >= 0")
+        if self.max_new_items < 1:
+            raise ConfigError("max_new_items: must be >= 1")
 
     def is_loopback(self) -> bool:
         """True when only this machine can reach ``host``."""

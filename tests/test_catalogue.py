@@ -1,0 +1,147 @@
+"""Catalogue changes on a trained run: items added with the trained tokenizer, items withdrawn,
+persisted as versions that a restart replays exactly, a crash mid-change harmless."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rpg_dist import catalogue, failpoints
+from rpg_dist.recommend import Recommender
+
+from test_graph_update import assert_top_lists, dense_similarity
+
+RPG = str(Path(sys.executable).parent / "rpg-dist")
+NEW = {
+    "item_id": [5001, 5002, 5003, 7],
+    "text": ["Belus eco-friendly pink rake, 3-pack. Belus. Garden, Tools, rake.",
+             "Vexeon red gel pen set, small. Vexeon. Office Products, Writing, gel pen set.",
+             "Acme wooden puzzle, 500 pieces. Acme. Toys & Games, Puzzles, jigsaw puzzle.",
+             "Dorix classic blue yoga mat. Dorix. Sports & Outdoors, Fitness, yoga mat."],
+    "title": ["New rake", "New pens", None, "New mat"],
+}
+
+
+@pytest.fixture()
+def run_copy(tiny_run, tmp_path) -> str:
+    copy = str(tmp_path / "run")
+    shutil.copytree(tiny_run[1], copy)
+    return copy
+
+
+def _new_items(path: Path, **columns) -> str:
+    data = {**{k: v[:3] for k, v in NEW.items()}, **columns}
+    pq.write_table(pa.table(data), path)
+    return str(path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RPG, *args], capture_output=True, text=True, timeout=300)
+
+
+def _check_graph(recommender: Recommender) -> None:
+    """Every offered item's list is its top-k among the offered items, by the paper's definition."""
+    sims = dense_similarity(recommender.model.token_embeddings.detach(), recommender.model.item_codes)
+    allowed = ~recommender.withdrawn
+    assert_top_lists(recommender.neighbors.long(), sims, allowed, torch.nonzero(allowed).squeeze(1))
+
+
+@pytest.mark.slow
+def test_added_items_get_exact_lists_and_are_reachable(run_copy, tmp_path):
+    out = _cli("add-items", "--run", run_copy, "--items", _new_items(tmp_path / "new.parquet"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    recommender = Recommender.load(run_copy)
+    assert recommender.version == 1 and len(recommender.index) == 803
+    _check_graph(recommender)
+    rows = recommender.index.rows(np.array([5001, 5002, 5003]))
+    titles = recommender.titles[rows].tolist()
+    assert titles == ["New rake", "New pens", NEW["text"][2]]
+    for row in rows.tolist():
+        holders = torch.nonzero((recommender.neighbors == row).any(dim=1)).squeeze(1)
+        assert len(holders), "no list leads to the new item"
+        # A query that wants exactly this item's tokens, started next to it: decoding finds it.
+        codes = recommender.model.item_codes[row].long()
+        log_probs = torch.full((1, codes.shape[0], recommender.model.codebook_size), -20.0)
+        log_probs[0, torch.arange(codes.shape[0]), codes] = 0.0
+        decoder = recommender._decoder(10)
+        start = torch.cat([holders[:1], torch.tensor([i for i in range(12) if i not in (row, int(holders[0]))][:9])])
+        found = decoder.decode(log_probs, start.unsqueeze(0))
+        # Best score 0 (all its tokens); an item with the same codes ties, and a lower row wins ties.
+        assert row in found.items[0].tolist() and float(found.scores[0, 0]) == 0.0
+
+
+@pytest.mark.slow
+def test_a_restart_serves_exactly_the_same_catalogue(run_copy):
+    live = Recommender.load(run_copy, start="history")
+    encoder = catalogue.ItemEncoder(run_copy)
+    ids = np.array(NEW["item_id"][:3])
+    change = catalogue.Change("add", ids, encoder.codes(ids, NEW["text"][:3]), NEW["text"][:3])
+    assert catalogue.change_and_commit(live, run_copy, change, live.version) == 1
+    live.version = catalogue.change_and_commit(live, run_copy, catalogue.Change("withdraw", np.array([289, 31])), 1)
+    restarted = Recommender.load(run_copy, start="history")
+    assert restarted.version == live.version == 2
+    assert np.array_equal(restarted.index.item_ids, live.index.item_ids)
+    for name in ("neighbors", "withdrawn", "popularity"):
+        assert torch.equal(getattr(restarted, name), getattr(live, name)), name
+    assert torch.equal(restarted.model.item_codes, live.model.item_codes)
+    histories = [[5001], [5, 17, 300], [5002, 44]]
+    assert ([[r.item_id for r in recs] for recs in restarted.recommend(histories, k=5)]
+            == [[r.item_id for r in recs] for recs in live.recommend(histories, k=5)])
+    _check_graph(restarted)
+
+
+@pytest.mark.slow
+def test_withdrawn_items_are_never_recommended(run_copy):
+    recommender = Recommender.load(run_copy, start="history")
+    histories = [[5, 17, 300], [44], [120, 121]]
+    before = {r.item_id for recs in recommender.recommend(histories, k=8) for r in recs}
+    version = catalogue.change_and_commit(recommender, run_copy, catalogue.Change("withdraw", np.array(sorted(before))), 0)
+    assert version == 1
+    for full in (False, True):
+        answers = recommender.recommend(histories, k=8, full_ranking=full)
+        assert all(len(recs) == 8 for recs in answers)
+        assert not before & {r.item_id for recs in answers for r in recs}
+    assert not torch.isin(recommender.neighbors, torch.from_numpy(recommender.index.rows(np.array(sorted(before))))).any()
+    _check_graph(recommender)
+
+
+@pytest.mark.slow
+def test_a_crash_between_a_change_and_its_commit_keeps_the_previous_version(run_copy, tmp_path):
+    items = _new_items(tmp_path / "new.parquet")
+    failpoints.arm("catalogue-change-written")
+    crashed = _cli("add-items", "--run", run_copy, "--items", items)
+    assert crashed.returncode == -9 and failpoints.fired("catalogue-change-written")
+    assert catalogue.current(run_copy)["version"] == 0
+    assert len(Recommender.load(run_copy).index) == 800
+    again = _cli("add-items", "--run", run_copy, "--items", items)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert catalogue.current(run_copy)["version"] == 1 and len(Recommender.load(run_copy).index) == 803
+
+
+@pytest.mark.slow
+def test_bad_new_items_are_clear_errors_and_change_nothing(run_copy, tmp_path):
+    cases = {
+        "no_text": ({"text": None}, "field 'text'"),
+        "existing": ({"item_id": [5001, 5, 5003]}, "item_id 5 is already in the catalogue"),
+        "repeated": ({"item_id": [5001, 5001, 5003]}, "item_id 5001 appears twice"),
+        "null_text": ({"text": ["a rake", None, "a pen"]}, "row 1: field 'text' is null"),
+    }
+    for name, (columns, message) in cases.items():
+        data = {**{k: v[:3] for k, v in NEW.items()}, **columns}
+        if columns.get("text", "") is None:
+            del data["text"]
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table(data), path)
+        out = _cli("add-items", "--run", run_copy, "--items", str(path))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (name, out.stderr[-800:])
+    out = _cli("withdraw-items", "--run", run_copy, "--ids", "5,99999")
+    assert out.returncode == 2 and "99999 is not in the catalogue" in out.stderr
+    assert catalogue.current(run_copy)["version"] == 0
