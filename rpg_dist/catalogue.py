@@ -58,8 +58,9 @@ class ItemEncoder:
 
         cfg = read_run_config(run_dir, storage)
         self.tokenize, self.storage = cfg.tokenize, storage or cfg.storage
-        self.index = opq.read_index(RunPaths(run_dir).opq_index, self.storage)
-        self.dim = int(io.read_json(RunPaths(run_dir).opq_meta, self.storage)["dim"])
+        meta = io.read_json(RunPaths(run_dir).opq_meta, self.storage)
+        self.index = opq.read_index(RunPaths(run_dir).opq_index, meta["index_digest"], self.storage)
+        self.dim = int(meta["dim"])
         self._encoder = None
 
     @property

@@ -15,6 +15,7 @@ writes (``write_bytes``) are retried as whole PUTs instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import posixpath
 import time
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from rpg_dist.errors import DataError, StorageError
+from rpg_dist.errors import DataError, StageError, StorageError
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
@@ -195,6 +196,36 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
     # Each attempt uploads the whole object afresh (multipart above the block size), so a retry
     # never builds on a half-finished upload.
     _call(uri, fs.pipe_file, path, data)
+
+
+def file_sha256(uri: str, storage: StorageConfig | None = None, block: int = 8 << 20) -> str:
+    """sha256 (hex) of a file's bytes, read in ``block``-sized pieces (bounded memory)."""
+    fs, path = filesystem(uri, storage)
+    digest = hashlib.sha256()
+    with _call(uri, fs.open, path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_digest(uri: str, actual: str, expected: str, remedy: str) -> None:
+    """Refuse an artefact whose sha256 is not the one recorded when it was written.
+
+    ``expected`` may be a prefix of the hex digest (older manifests kept 16 characters).
+
+    Raises:
+        StageError: naming the file, both digests and ``remedy`` (how to rebuild it).
+    """
+    if not actual.startswith(expected):
+        raise StageError(f"{uri}: content differs from the digest recorded when it was written (sha256 "
+                         f"{expected[:16]}..., found {actual[:16]}...): it was altered or truncated; {remedy}")
+
+
+def read_verified(uri: str, expected: str, remedy: str, storage: StorageConfig | None = None) -> bytes:
+    """The bytes of ``uri`` after ``check_digest`` (for files that are deserialised, not parsed)."""
+    data = read_bytes(uri, storage)
+    check_digest(uri, hashlib.sha256(data).hexdigest(), expected, remedy)
+    return data
 
 
 def write_text(uri: str, text: str, storage: StorageConfig | None = None) -> None:

@@ -4,7 +4,8 @@ Each stage, when it finishes, writes ``RUN_DIR/stages/<stage>.json`` with a fing
 was computed from: its own config sections plus the run ids of the stages it reads. A rerun skips a
 stage whose manifest matches and whose outputs exist; anything upstream that was redone (or a
 changed config section) invalidates everything downstream. ``--force STAGE`` redoes one stage and,
-through the run ids, everything after it.
+through the run ids, everything after it. The manifest also records the sha256 of each output: an
+output altered, truncated or deleted since makes the stage run again, not count as complete.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def _evaluate(cfg: Config) -> Any:
     return evaluate(cfg)
 
 
+def _graph_outputs(cfg: Config) -> list[str]:
+    """The graph manifest and every part it lists."""
+    from rpg_dist.graph.store import read_manifest
+
+    paths = RunPaths(cfg.run_dir)
+    if not io.exists(paths.graph_manifest, cfg.storage):
+        return [paths.graph_manifest]
+    files = read_manifest(cfg.run_dir, cfg.storage)["files"]
+    return [paths.graph_manifest] + [io.join(paths.graph, name) for names in files.values() for name in names]
+
+
 def _train_config(cfg: Config) -> dict[str, Any]:
     train = to_dict(cfg.train)
     for name in _OPERATIONAL_TRAIN_FIELDS:
@@ -82,11 +94,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("prepare", (), lambda c: {"prepare": to_dict(c.prepare) if c.prepare else None, "dataset": c.dataset},
           lambda c: [io.join(c.dataset, "dataset.json")], _prepare),
     Stage("tokenize", ("prepare",), lambda c: {"tokenize": to_dict(c.tokenize), "seed": c.seed},
-          lambda c: [RunPaths(c.run_dir).semantic_ids], _tokenize),
+          lambda c: [RunPaths(c.run_dir).semantic_ids, RunPaths(c.run_dir).opq_index, RunPaths(c.run_dir).opq_meta],
+          _tokenize),
     Stage("train", ("tokenize",), _train_config,
-          lambda c: [RunPaths(c.run_dir).model_weights], _train),
-    Stage("build-graph", ("train",), lambda c: {"graph": to_dict(c.graph)},
-          lambda c: [RunPaths(c.run_dir).graph_manifest], _build_graph),
+          lambda c: [RunPaths(c.run_dir).model_weights, RunPaths(c.run_dir).model_config], _train),
+    Stage("build-graph", ("train",), lambda c: {"graph": to_dict(c.graph)}, _graph_outputs, _build_graph),
     Stage("evaluate", ("build-graph",), lambda c: {"decode": to_dict(c.decode), "eval": to_dict(c.eval)},
           lambda c: [RunPaths(c.run_dir).metrics], _evaluate),
 )
@@ -128,8 +140,8 @@ def _run_stage(cfg: Config, paths: RunPaths, stage: Stage, run_ids: dict[str, st
     key = fingerprint(inputs)
     manifest_uri = paths.stage_manifest(stage.name)
     manifest = io.read_json(manifest_uri, cfg.storage) if io.exists(manifest_uri, cfg.storage) else None
-    done = all(io.exists(uri, cfg.storage) for uri in stage.outputs(cfg))
-    if not force and done and manifest and manifest.get("fingerprint") == key:
+    current = not force and manifest is not None and manifest.get("fingerprint") == key
+    if current and all(io.exists(uri, cfg.storage) for uri in stage.outputs(cfg)) and _unchanged(cfg, manifest, banner):
         log.info("==== %s: complete, skipped (inputs and config unchanged)", banner)
         return manifest["run_id"], 0.0
     log.info("==== %s: running", banner)
@@ -137,13 +149,36 @@ def _run_stage(cfg: Config, paths: RunPaths, stage: Stage, run_ids: dict[str, st
     result = stage.run(cfg)
     seconds = time.perf_counter() - start
     run_id = uuid.uuid4().hex
+    # metrics.json is merged into by later commands: its presence is what counts.
+    digests = {} if stage.name == "evaluate" else {
+        _relative(uri, cfg.run_dir): io.file_sha256(uri, cfg.storage) for uri in stage.outputs(cfg)}
     io.write_json(manifest_uri, {
         "version": MANIFEST_VERSION, "stage": stage.name, "fingerprint": key, "run_id": run_id,
-        "inputs": inputs, "wall_s": seconds,
+        "inputs": inputs, "wall_s": seconds, "output_digests": digests,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "result": result,
     }, cfg.storage)
     log.info("==== %s: done in %.1f s", banner, seconds)
     return run_id, seconds
+
+
+def _unchanged(cfg: Config, manifest: dict[str, Any] | None, banner: str) -> bool:
+    """The stage's outputs are the bytes it wrote (sha256 recorded at completion; manifests from
+    before digests were recorded count as unchanged)."""
+    for name, digest in (manifest or {}).get("output_digests", {}).items():
+        uri = io.join(cfg.run_dir, name)
+        if not io.exists(uri, cfg.storage) or io.file_sha256(uri, cfg.storage) != digest:
+            log.warning("==== %s: %s changed since the stage completed (missing, altered or truncated): "
+                        "redoing the stage", banner, uri)
+            return False
+    return True
+
+
+def _relative(uri: str, run_dir: str) -> str:
+    """``uri`` as a path inside ``run_dir`` (manifests stay valid when a run directory moves)."""
+    prefix = run_dir.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        raise ValueError(f"{uri} is not inside {run_dir}")
+    return uri[len(prefix):]
 
 
 def _prepare_stage(cfg: Config, force: bool, banner: str) -> tuple[str, float]:

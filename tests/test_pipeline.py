@@ -235,3 +235,49 @@ def test_our_decoding_matches_the_papers_quality_within_noise(tiny_run):
     # Both learned something: NDCG@10 of a random top 10 is sum_i 1/log2(i + 2) / n_items.
     chance = (1 / np.log2(np.arange(10) + 2)).sum() / n
     assert ndcg_ours.mean() > 4 * chance and ndcg_paper.mean() > 4 * chance
+
+
+def _flip_bytes(path: Path, offset_fraction: float = 0.5, size: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * offset_fraction)
+    data[at : at + size] = bytes(255 - b for b in data[at : at + size])
+    path.write_bytes(bytes(data))
+
+
+def test_altered_artefacts_are_refused_where_they_are_read(tiny_run, tmp_path):
+    from rpg_dist.catalogue import ItemEncoder
+
+    _, run_dir = own_copy(tiny_run, tmp_path)
+    paths = RunPaths(run_dir)
+    _flip_bytes(Path(paths.model_weights))
+    with pytest.raises(StageError, match="model.safetensors: content differs from the digest"):
+        Recommender.load(run_dir)
+    out = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,17"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "altered or truncated" in out.stderr and "Traceback" not in out.stderr
+    _flip_bytes(Path(paths.opq_index), 0.7, 64)
+    with pytest.raises(StageError, match="opq.faissindex: content differs"):
+        ItemEncoder(run_dir)  # faiss never parses the altered bytes
+    part = sorted(Path(paths.graph).glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:-100])
+    from rpg_dist.graph.store import load_graph
+    from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+
+    with pytest.raises(StageError, match=f"{part.name}: content differs"):
+        load_graph(run_dir, load_semantic_ids(paths.semantic_ids).index)
+
+
+def test_run_redoes_a_stage_whose_outputs_changed(tiny_run, tmp_path):
+    cfg, run_dir = own_copy(tiny_run, tmp_path)
+    before = _run_ids(run_dir)
+    part = sorted(Path(RunPaths(run_dir).graph).glob("part-*.parquet"))[-1]
+    part.unlink()  # a deleted graph part: build-graph (and evaluate after it) must run again
+    run_pipeline(cfg)
+    after = _run_ids(run_dir)
+    assert {s for s in before if before[s] != after[s]} == {"build-graph", "evaluate"}
+    _flip_bytes(Path(RunPaths(run_dir).model_weights))  # altered weights: train and everything after
+    run_pipeline(cfg)
+    again = _run_ids(run_dir)
+    assert {s for s in after if after[s] != again[s]} == {"train", "build-graph", "evaluate"}
+    run_pipeline(cfg)
+    assert _run_ids(run_dir) == again  # and now everything is current again

@@ -62,7 +62,7 @@ def test_outputs_match_the_dataset_and_the_brute_force_twin(tokenized, synth_dat
     emb_ids, emb = read_all_embeddings(cfg.run_dir)
     np.testing.assert_array_equal(np.sort(emb_ids), ids)  # every item exactly once
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
-    index = opq.read_index(paths.opq_index)
+    index = opq.read_index(paths.opq_index, io.read_json(paths.opq_meta)["index_digest"])
     twin = opq.brute_force_codes(index, emb)
     np.testing.assert_array_equal(sem.codes[sem.index.rows(emb_ids)], twin)
     assert stats["n_items"] == len(ids) and stats["n_digit"] == 16 and stats["codebook_size"] == 256
@@ -177,7 +177,7 @@ def test_add_appends_new_items_without_retraining(tokenized, tmp_path):
     assert len(new_keys) == 2  # 70 items in shards of 64
     ids, emb = embed.read_embeddings(io.join(paths.embeddings, shards.part_name(new_keys[0])))
     np.testing.assert_array_equal(after.codes[after.index.rows(ids)],
-                                  opq.brute_force_codes(opq.read_index(paths.opq_index), emb))
+                                  opq.brute_force_codes(opq.read_index(paths.opq_index, io.read_json(paths.opq_meta)["index_digest"]), emb))
     # The same batch again is a no-op; an id that already has codes is an error naming file and row.
     assert stage.tokenize(make_cfg(cfg.dataset, run_dir), add=uri)["timings"]["embed_items"] == 0
     clash = new_items(tmp_path / "clash.parquet", [20_000, int(before.index.item_ids[5])], ["a", "b"])

@@ -51,6 +51,7 @@ def write_graph(
     for old in io.list_files(paths.graph, ".parquet", storage):
         io.remove(old, storage)
     files: dict[str, list[str]] = {}
+    digests: dict[str, str] = {}  # sha256 of each part: loading refuses an altered or truncated one
     for part in range(int(partition.max()) + 1 if len(partition) else 0):
         rows = np.flatnonzero(partition == part)
         files[str(part)] = []
@@ -59,8 +60,9 @@ def write_graph(
             table = _table(index, rows[lo : lo + ROWS_PER_FILE], neighbors, part)
             io.write_parquet(table, io.join(paths.graph, name), storage, row_group_size=65_536)
             files[str(part)].append(name)
+            digests[name] = io.file_sha256(io.join(paths.graph, name), storage)
     io.write_json(paths.graph_stats, stats, storage)
-    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files, "digests": digests}
     io.write_json(paths.graph_manifest, manifest, storage)
     return manifest
 
@@ -103,6 +105,11 @@ def load_graph(
         name for part in sorted(manifest["files"], key=int) for name in manifest["files"][part]
     ]
     width = int(manifest["n_edges"])
+    digests = manifest.get("digests", {})  # absent in graphs built before digests were recorded
+    for name in names:
+        if name in digests:
+            uri = io.join(RunPaths(run_dir).graph, name)
+            io.check_digest(uri, io.file_sha256(uri, storage), digests[name], "rebuild it with `rpg-dist build-graph`")
     parts = [_read_part(io.join(RunPaths(run_dir).graph, name), index, width, storage) for name in names]
     rows = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
     neighbors = np.concatenate([p.neighbors for p in parts]) if parts else np.empty((0, width), np.int32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +28,8 @@ from rpg_dist.tokenizer.semantic_ids import SemanticIds, load_semantic_ids
 
 if TYPE_CHECKING:
     from rpg_dist.config import StorageConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -76,13 +79,25 @@ def save_weights(
     # Remove the old marker first: a crash between the two writes leaves "no model", never a
     # config that describes other weights.
     io.remove(config_uri, storage)
-    io.write_bytes(io.join(folder, WEIGHTS_FILE), save_safetensors(tensors), storage)
-    io.write_json(config_uri, metadata, storage)
+    data = save_safetensors(tensors)
+    io.write_bytes(io.join(folder, WEIGHTS_FILE), data, storage)
+    io.write_json(config_uri, {**metadata, "weights_sha256": hashlib.sha256(data).hexdigest()}, storage)
 
 
 def read_weights(folder: str, storage: StorageConfig | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of ``folder/model.safetensors`` (no pickle involved)."""
-    return load_safetensors(io.read_bytes(io.join(folder, WEIGHTS_FILE), storage))
+    """The tensors of ``folder/model.safetensors`` (no pickle involved), refused unless they are the
+    bytes ``folder/config.json`` recorded at export (exports from before the digest load with a warning).
+
+    Raises:
+        StageError: the weights were altered or truncated since they were written.
+    """
+    uri = io.join(folder, WEIGHTS_FILE)
+    config_uri = io.join(folder, CONFIG_FILE)
+    expected = io.read_json(config_uri, storage).get("weights_sha256") if io.exists(config_uri, storage) else None
+    if expected is None:
+        log.warning("%s: no weights digest recorded (exported by an older rpg-dist); loading unverified", uri)
+        return load_safetensors(io.read_bytes(uri, storage))
+    return load_safetensors(io.read_verified(uri, expected, "retrain, or restore the file, to use this run", storage))
 
 
 def save_model(

@@ -150,8 +150,10 @@ def deserialize(data: bytes):
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def read_index(uri: str, storage: StorageConfig | None = None):
-    return deserialize(io.read_bytes(uri, storage))
+def read_index(uri: str, digest: str, storage: StorageConfig | None = None):
+    """The trained index at ``uri``, deserialised only if its bytes have ``digest`` (opq.json's
+    ``index_digest``): faiss parses whatever it is given, so nothing unverified reaches it."""
+    return deserialize(io.read_verified(uri, digest, "re-run `rpg-dist tokenize` to retrain it", storage))
 
 
 def gather_sample(part_uris: list[str], sample_ids: np.ndarray, storage: StorageConfig | None) -> np.ndarray:
@@ -206,12 +208,12 @@ def train_remote(part_uris: list[str], sample_ids: np.ndarray, cfg: TokenizeConf
 class ShardEncoder:
     """Ray Data callable class: loads the trained index once, encodes and commits one shard per call."""
 
-    def __init__(self, *, index_uri: str, threads: int, out_dir: str, manifest_dir: str,
+    def __init__(self, *, index_uri: str, index_digest: str, threads: int, out_dir: str, manifest_dir: str,
                  storage: StorageConfig | None) -> None:
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        self.index = read_index(index_uri, storage)
+        self.index = read_index(index_uri, index_digest, storage)
         self.out_dir, self.manifest_dir, self.storage = out_dir, manifest_dir, storage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -213,7 +213,7 @@ def encode_shards(cfg: Config, keys: list[str], only: set[str] | None = None) ->
     pending = [k for k in sorted(wanted) if k not in done]
     log.info("encode: %d shards, %d committed, %d to run", len(wanted), len(done), len(pending))
     start = time.perf_counter()
-    worker_kwargs = dict(index_uri=paths.opq_index, threads=t.actor_threads(), out_dir=paths.codes,
+    worker_kwargs = dict(index_uri=paths.opq_index, index_digest=index_digest, threads=t.actor_threads(), out_dir=paths.codes,
                          manifest_dir=paths.code_manifests, storage=storage)
     tasks = [{"key": k, "part": io.join(paths.embeddings, shards.part_name(k)), "fingerprint": wanted[k]}
              for k in pending]
