@@ -44,6 +44,21 @@ def test_roundtrip_and_info(tmp_path):
     assert _listing(tmp_path) == ["ds"]  # the staging prefix is gone
 
 
+def test_content_digest_follows_the_content_not_the_counts(tmp_path):
+    first = _write(str(tmp_path / "a"), _items(), _seqs())
+    again = _write(str(tmp_path / "b"), _items(), _seqs())
+    other_text = _write(str(tmp_path / "c"), _items(texts=("a red lipstick", "a blue pen", "a cat bed")), _seqs())
+    other_order = _write(str(tmp_path / "d"), _items(), _seqs(lists=((1, 2, 3), (3, 2, 2, 1))))
+    assert len(first.content_sha256) == 64 and first.content_sha256 == again.content_sha256
+    assert len({first.content_sha256, other_text.content_sha256, other_order.content_sha256}) == 3
+    assert (first.n_items, first.n_interactions) == (other_text.n_items, other_text.n_interactions)
+    # A dataset written before digests were recorded still reads (no identity from content then).
+    legacy = io.read_json(str(tmp_path / "a" / "dataset.json"))
+    del legacy["content_sha256"]
+    io.write_json(str(tmp_path / "a" / "dataset.json"), legacy)
+    assert dataset.read_info(str(tmp_path / "a")).content_sha256 == ""
+
+
 def test_narrow_integer_ids_are_widened(tmp_path):
     items = pa.table({"item_id": pa.array([1, 2, 3], pa.int32()), "text": ["a", "b", "c"]})
     _write(str(tmp_path / "ds"), items, _seqs())

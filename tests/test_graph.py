@@ -205,6 +205,10 @@ def test_load_graph_rejects_bad_parts(tmp_path, ray_local):
         broken = [list(x) for x in lists]
         broken[3][0] = bad
         io.write_parquet(table.set_column(1, "neighbors", pa.array(broken, pa.list_(pa.int64()))), part)
+        # A part written that way (its digest recorded): the content checks, not the digest, refuse it.
+        recorded = io.read_json(RunPaths(run_dir).graph_manifest)
+        recorded["digests"][manifest["files"]["0"][0]] = io.file_sha256(part)
+        io.write_json(RunPaths(run_dir).graph_manifest, recorded)
         with pytest.raises(DataError, match=message):
             load_graph(run_dir, ItemIndex(item_ids))
 

@@ -14,6 +14,7 @@ row validated, so bad input never leaves a half-written dataset behind.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,9 @@ class DatasetInfo:
     n_users: int
     n_items: int
     n_interactions: int
+    # sha256 over every items and sequences file (datasets written before it: ""). Part of the
+    # prepare stage's identity: a re-import with other texts and the same counts redoes the stages.
+    content_sha256: str = ""
 
 
 def info_uri(uri: str) -> str:
@@ -60,6 +64,15 @@ def sequences_uri(uri: str) -> str:
     return io.join(uri, SEQUENCES)
 
 
+def content_digest(uris: list[str], storage: StorageConfig | None = None) -> str:
+    """sha256 over (name, sha256) of every parquet file under ``uris`` (names relative to each)."""
+    digest = hashlib.sha256()
+    for uri in uris:
+        for file_uri in io.parquet_files(uri, storage):
+            digest.update(f"{file_uri[len(uri):]}\0{io.file_sha256(file_uri, storage)}\n".encode())
+    return digest.hexdigest()
+
+
 def read_info(uri: str, storage: StorageConfig | None = None) -> DatasetInfo:
     """Read ``dataset.json``; a folder without it is not a (complete) dataset.
 
@@ -71,14 +84,15 @@ def read_info(uri: str, storage: StorageConfig | None = None) -> DatasetInfo:
         raise DataError(f"{uri}: not a dataset (no {INFO}); create it with `rpg-dist prepare`")
     raw = io.read_json(path, storage)
     names = {f.name for f in dataclasses.fields(DatasetInfo)}
-    missing = sorted(names - set(raw))
+    required = {f.name for f in dataclasses.fields(DatasetInfo) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(raw))
     if missing:
         raise DataError(f"{path}: missing field(s) {missing}")
     if raw["format_version"] != FORMAT_VERSION:
         raise DataError(
             f"{path}: format_version {raw['format_version']} is not supported (expected {FORMAT_VERSION})"
         )
-    return DatasetInfo(**{k: raw[k] for k in names})
+    return DatasetInfo(**{k: raw[k] for k in names if k in raw})
 
 
 def read_items(
@@ -174,6 +188,7 @@ class DatasetWriter:
             n_users=int(len(user_ids)),
             n_items=int(len(self._known)),
             n_interactions=int(self._n_interactions),
+            content_sha256=content_digest([io.join(self._staging, n) for n in (ITEMS, SEQUENCES)], self.storage),
         )
         if self.overwrite:
             # Uncommit the old dataset first: a crash below leaves "no dataset", never a mix.
