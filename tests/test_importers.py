@@ -67,6 +67,12 @@ def test_s3rec_text_and_placeholders(tmp_path):
         (GOOD_ITEMS + [json.dumps({"item_id": 3, "title": "again"})], ["1 1 2"], "duplicate item_id 3:"),
         (GOOD_ITEMS + [json.dumps({"item_id": 4, "title": " ", "categories": []})], ["1 1 2"],
          "items.jsonl: row 4 (item_id 4): field 'text' is empty or null"),
+        (GOOD_ITEMS + [json.dumps({"item_id": 4, "title": {"en": "x"}})], ["1 1 2"],
+         "items.jsonl: line 4: field 'title' is dict"),
+        (GOOD_ITEMS + [json.dumps({"item_id": 4, "title": "ok", "brand": "Ac\u0000me"})], ["1 1 2"],
+         "items.jsonl: line 4: field 'brand' holds the control character"),
+        (GOOD_ITEMS + [json.dumps({"item_id": 4, "title": "ok", "categories": [["Beauty", "Nails\u001b"]]})],
+         ["1 1 2"], "items.jsonl: line 4: field 'categories' holds the control character"),
         (GOOD_ITEMS, ["1 1 2", "2 3 x"], "sequences.txt: line 2: field 'item_ids' has non-integer value 'x'"),
         (GOOD_ITEMS, ["1 1 2", "7"], "sequences.txt: line 2: expected 'user_id item_id [item_id ...]'"),
         (GOOD_ITEMS, ["1 1 2", "2 3 42"], "sequences.txt: row 2 (user 2): field 'item_ids' references item_id 42"),
@@ -218,6 +224,23 @@ def test_interactions_bad_input(tmp_path):
     with pytest.raises(DataError, match=r"events.parquet: unreadable table"):
         prepare(cfg, str(tmp_path / "ds"))
     assert not (tmp_path / "ds").exists()
+
+
+def test_interactions_text_that_is_not_text(tmp_path):
+    """A Latin-1 byte (Arrow reads the column as binary) or a control character is an error naming
+    the file, field and row, not item text (was: every text a Python bytes literal, "b'OPI Red'.")."""
+    events = tmp_path / "events.csv"
+    events.write_text("u,i,t\nbob,s1,1\nbob,s2,2\nbob,s3,3\n")
+    cols = InteractionsColumns(user="u", item="i", timestamp="t", item_id="sku", text=["name"])
+    for body, message in ((b"sku,name\ns1,OPI Red\ns2,Caf\xe9 cream\ns3,Pen\n",
+                           r"items.csv: row 1: field 'name' is not UTF-8 \(byte 0xe9 at position 3\)"),
+                          (b"sku,name\ns1,OPI Red\ns2,cream\ns3,P\x00en\n",
+                           r"items.csv: row 2: field 'name' holds the control character '\\x00' at position 1")):
+        (tmp_path / "items.csv").write_bytes(body)
+        cfg = PrepareConfig(format="interactions", input=str(events), items=str(tmp_path / "items.csv"), columns=cols)
+        with pytest.raises(DataError, match=message):
+            prepare(cfg, str(tmp_path / "ds"))
+        assert not (tmp_path / "ds").exists()
 
 
 def test_users_with_short_sequences_survive_import(tmp_path):

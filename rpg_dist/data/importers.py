@@ -71,6 +71,7 @@ def read_s3rec(folder: str, storage: StorageConfig | None = None) -> RawDataset:
         if "item_id" not in record:
             raise DataError(f"{items_uri}: line {line_no}: missing field 'item_id'")
     ids = [r["item_id"] for r in records]
+    _check_text_fields(records, ("title", "brand", "categories"), items_uri)
     texts = [item_text.item_text(r.get(f) for f in ("title", "brand", "categories")) for r in records]
     items = pa.table(
         {
@@ -151,6 +152,7 @@ def read_amazon2014(folder: str, category: str, storage: StorageConfig | None = 
         if asin not in meta:
             raise DataError(f"{meta_uri}: no metadata for item asin {asin!r} (reviewed in {reviews_uri})")
         line_no, record = meta[asin]
+        _check_text_fields([record], AMAZON_TEXT_FIELDS, meta_uri, first_line=line_no)
         texts.append(item_text.item_text(record.get(f) for f in AMAZON_TEXT_FIELDS))
         if not texts[-1]:
             raise DataError(f"{meta_uri}: line {line_no} (asin {asin!r}): fields {list(AMAZON_TEXT_FIELDS)} are all empty")
@@ -261,6 +263,15 @@ def _int_column(values: list[Any], origin: str, field: str) -> pa.Array:
         if isinstance(value, bool) or not isinstance(value, int):
             raise DataError(f"{origin}: line {line_no}: field '{field}' must be an integer, got {value!r}")
     return pa.array(values, pa.int64())
+
+
+def _check_text_fields(records: list[dict[str, Any]], fields, origin: str, first_line: int = 1) -> None:
+    """DataError naming the line and field of the first value that is not text (item_text.problem)."""
+    for line_no, record in enumerate(records, start=first_line):
+        for field in fields:
+            reason = item_text.problem(record.get(field))
+            if reason:
+                raise DataError(f"{origin}: line {line_no}: field '{field}' {reason}")
 
 
 def _opt_str(value: Any) -> str | None:

@@ -73,6 +73,8 @@ def _write_items(uri: str, columns: InteractionsColumns, writer: DatasetWriter, 
             raise DataError(f"{uri}: duplicate {columns.item_id} {ordered[int(np.flatnonzero(repeats)[0])].as_py()!r}")
     sorted_keys = keys if integer else ordered  # string ids: dense id = sorted rank + 1
     for batch, first_row in _batches(uri, [columns.item_id, *columns.text], storage):
+        for i, name in enumerate(columns.text):
+            _check_text_column(batch.column(i + 1), uri, name, first_row)
         batch_keys = pc.cast(batch.column(0), pa.int64() if integer else pa.string())
         ids = batch_keys if integer else pc.add(pc.index_in(batch_keys, value_set=sorted_keys), 1)
         texts = [item_text.item_text(values) for values in zip(*(batch.column(i + 1).to_pylist()
@@ -82,6 +84,27 @@ def _write_items(uri: str, columns: InteractionsColumns, writer: DatasetWriter, 
             table = table.append_column("raw_id", batch_keys)
         writer.add_items(table, origin=uri, first_row=first_row)
     return sorted_keys
+
+
+def _check_text_column(values: pa.Array, uri: str, field: str, first_row: int) -> None:
+    """DataError naming the row of the first value that is not UTF-8 text or holds control characters."""
+    kind = values.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):  # Arrow's CSV reader: not UTF-8
+        for row, value in enumerate(values.to_pylist()):
+            if value is not None:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{uri}: row {first_row + row}: field '{field}' is not UTF-8 (byte "
+                                    f"{value[err.start]:#04x} at position {err.start}); re-encode the file as UTF-8") from None
+        return
+    if pa.types.is_struct(kind) or pa.types.is_map(kind):
+        raise DataError(f"{uri}: field '{field}' holds {kind} values, not text")
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        bad = pc.fill_null(pc.match_substring_regex(values, item_text.CONTROL_PATTERN), False).to_numpy(zero_copy_only=False)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{uri}: row {first_row + row}: field '{field}' {item_text.problem(values[row].as_py())}")
 
 
 # --- interactions -> spill files by user ----------------------------------------------------------

@@ -32,6 +32,26 @@ _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:])")
 _EMPTY_VALUES = {"", "unknown", "none", "null", "n/a", "nan"}
 
 
+# Control characters (tab, newline and carriage return are whitespace, not these): a NUL or an escape
+# in item text is corrupt input, not something the encoder should read.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+CONTROL_PATTERN = _CONTROL.pattern
+
+
+def problem(value: Any) -> str | None:
+    """Why ``value`` cannot be item text (None when it can): an object, bytes, or control characters.
+
+    Text fields hold strings, numbers, or lists of those (category paths)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        found = _CONTROL.search(value)
+        return None if found is None else f"holds the control character {found.group()!r} at position {found.start()}"
+    if isinstance(value, (list, tuple)):
+        return next((p for p in map(problem, value) if p), None)
+    return f"is {type(value).__name__} {str(value)[:40]!r}, not text"
+
+
 def clean(value: Any) -> str:
     """Unescape HTML, tags to spaces, whitespace collapsed (none before punctuation); '' for placeholders."""
     text = _SPACE.sub(" ", _TAGS.sub(" ", html.unescape(str(value)))).strip()
