@@ -112,7 +112,7 @@ class RecommenderService:
         """DELETE /items/{id}: never recommended again, out of the graph; idempotent."""
         from rpg_dist import catalogue
 
-        self._catch_up()
+        self._catch_up(now=True)  # an item another replica added a moment ago is known here too
         if not self.recommender.index.find(np.array([item_id]))[1][0]:
             raise api.RequestError(404, "item_id", f"item {item_id} is not in the catalogue")
         change = catalogue.Change("withdraw", np.array([item_id], dtype=np.int64))
@@ -120,11 +120,12 @@ class RecommenderService:
         self.recommender.version = version
         return {"withdrawn": item_id, "version": version}
 
-    def _catch_up(self) -> None:
-        """Serve the changes other replicas (or `rpg-dist add-items`) committed since our version."""
+    def _catch_up(self, now: bool = False) -> None:
+        """Serve the changes other replicas (or `rpg-dist add-items`) committed since our version;
+        at most every ``catalogue_poll_s`` unless ``now``."""
         from rpg_dist import catalogue
 
-        if time.monotonic() - self.checked_at < self.cfg.catalogue_poll_s:
+        if not now and time.monotonic() - self.checked_at < self.cfg.catalogue_poll_s:
             return
         self.checked_at = time.monotonic()
         if catalogue.current(self.run_dir)["version"] > self.recommender.version:
@@ -217,7 +218,7 @@ def build_app(run_dir: str, cfg: ServeConfig):
     token = os.environ.get(TOKEN_ENV)
     if not token and not cfg.is_loopback() and not cfg.allow_unauthenticated:
         raise ConfigError(f"host: {cfg.host} is reachable beyond this machine; set {TOKEN_ENV} to require a "
-                          "bearer token, or serve.allow_unauthenticated=true")
+                          "bearer token, or --set allow_unauthenticated=true")
     digest = hashlib.sha256(token.encode()).hexdigest() if token else None
     deployment = RecommenderService.options(
         num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
