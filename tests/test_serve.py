@@ -258,14 +258,14 @@ def test_sigterm_stops_the_service_and_its_processes(tiny_run):
     service = Service(tiny_run[1], free_port())
     service.wait_ready()
     session = os.getsid(service.proc.pid)
-    during = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True).stdout
+    during = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True).stdout
     assert "raylet" in during and "ServeReplica" in during  # Ray and the replica run in the CLI's session
     assert service.stop() == 0
     assert "stopped" in "".join(service.lines)
     assert TOKEN not in "".join(service.lines)
     with pytest.raises(requests.ConnectionError):
         requests.get(service.url + "/healthz", timeout=10)
-    left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True).stdout
+    left = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "-s", str(session)], capture_output=True, text=True).stdout
     assert not left.strip(), left
 
 
