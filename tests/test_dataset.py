@@ -59,6 +59,14 @@ def test_content_digest_follows_the_content_not_the_counts(tmp_path):
     assert dataset.read_info(str(tmp_path / "a")).content_sha256 == ""
 
 
+def test_a_dataset_where_no_user_has_three_items_is_refused_at_prepare(tmp_path):
+    uri = str(tmp_path / "ds")
+    with pytest.raises(DataError, match="no user has 3 or more items"):
+        _write(uri, _items(), _seqs(lists=((1, 2), (3,))))
+    assert _listing(tmp_path) == []  # nothing written, staging gone
+    assert _write(uri, _items(), _seqs(lists=((1, 2), (3, 2, 1)))).n_users == 2  # one is enough
+
+
 def test_narrow_integer_ids_are_widened(tmp_path):
     items = pa.table({"item_id": pa.array([1, 2, 3], pa.int32()), "text": ["a", "b", "c"]})
     _write(str(tmp_path / "ds"), items, _seqs())

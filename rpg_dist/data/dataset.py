@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from rpg_dist import io
 from rpg_dist.data.items import sorted_lookup
+from rpg_dist.data.splits import MIN_SEQUENCE_LENGTH
 from rpg_dist.errors import DataError
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class DatasetWriter:
         self._user_ids: list[np.ndarray] = []
         self._user_origin: list[tuple[str, int]] = []
         self._n_interactions = 0
+        self._longest = 0  # items in the longest sequence
         self._parts = {ITEMS: 0, SEQUENCES: 0}
         self._committed = False
 
@@ -172,6 +174,8 @@ class DatasetWriter:
         self._user_ids.append(table.column("user_id").to_numpy())
         self._user_origin.append((origin, first_row))
         self._n_interactions += len(pc.list_flatten(table.column("item_ids")))
+        lengths = pc.list_value_length(table.column("item_ids"))
+        self._longest = max(self._longest, int(pc.max(lengths).as_py() or 0) if len(lengths) else 0)
         self._write_part(SEQUENCES, table)
 
     def commit(self) -> DatasetInfo:
@@ -182,6 +186,9 @@ class DatasetWriter:
         if len(user_ids) == 0:
             raise DataError(f"{self.uri}: empty dataset: no user sequences")
         _check_unique(user_ids, self._user_origin, [len(u) for u in self._user_ids], "user_id")
+        if self._longest < MIN_SEQUENCE_LENGTH:
+            raise DataError(f"{self.uri}: no user has {MIN_SEQUENCE_LENGTH} or more items (the longest sequence "
+                            f"has {self._longest}): leave-one-out needs a training, a validation and a test item")
         info = DatasetInfo(
             format_version=FORMAT_VERSION,
             source=self.source,
