@@ -17,7 +17,6 @@ longer applies: loading refuses it, naming both graph runs).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import torch
 
-from rpg_dist import failpoints, io
+from rpg_dist import failpoints, io, runlock
 from rpg_dist.artifacts import RunPaths
+from rpg_dist.data.items import repeats
 from rpg_dist.errors import DataError, StageError
 
 if TYPE_CHECKING:
@@ -168,14 +168,8 @@ def writer_lock(run_dir: str) -> Iterator[None]:
     if not io.is_local(run_dir):
         yield
         return
-    folder = os.path.join(io.filesystem(run_dir)[1], FOLDER)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with runlock.waiting_lock(os.path.join(io.filesystem(run_dir)[1], FOLDER)):
         yield
-    finally:
-        os.close(fd)
 
 
 def change_and_commit(recommender: Recommender, run_dir: str, change: Change, version: int,
@@ -204,9 +198,10 @@ def validate(recommender: Recommender, change: Change, origin: str = "items") ->
             of the wrong shape, a withdrawn id the catalogue never had (naming ``origin`` and the row).
     """
     ids = change.item_ids
-    repeated = np.flatnonzero(np.concatenate([[False], np.sort(ids)[1:] == np.sort(ids)[:-1]]))
-    if len(repeated):
-        raise DataError(f"{origin}: item_id {int(np.sort(ids)[repeated[0]])} appears twice")
+    repeated = repeats(ids)
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        raise DataError(f"{origin}: row {row}: item_id {int(ids[row])} appears twice")
     _, known = recommender.index.find(ids)
     if change.kind == "add":
         if known.any():

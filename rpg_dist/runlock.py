@@ -32,8 +32,7 @@ def run_dir_lock(run_dir: str) -> Iterator[None]:
         return
     folder = io.filesystem(run_dir)[1]
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(folder, LOCK_NAME)
     except OSError as err:  # a file in the way, no permission, read-only filesystem
         raise StageError(f"{run_dir}: cannot be used as a run directory: {err.strerror}") from None
     try:
@@ -48,3 +47,21 @@ def run_dir_lock(run_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def waiting_lock(folder: str, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold the flock of the local file ``folder/name`` for the block, waiting while another process
+    holds it (the kernel drops it when the holder exits, however it exits)."""
+    fd = _open_lock_file(folder, name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_lock_file(folder: str, name: str) -> int:
+    """A read-write descriptor of ``folder/name``, both created if missing."""
+    os.makedirs(folder, exist_ok=True)
+    return os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o644)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rpg_dist.data.items import ItemIndex
+from rpg_dist.data.items import ItemIndex, repeats
 
 RECOMMEND_KEYS = ("history", "histories", "k", "exclude_history")
 ITEM_KEYS = ("item_id", "text", "title", "embedding")
@@ -95,15 +95,15 @@ def parse_recommend(payload: object, index: ItemIndex, max_seq_len: int, limits:
     names = [f"histories[{i}]" for i in range(len(histories))] if many else ["history"]
     ids = [_history_ids(h, name, limits.max_history_len) for h, name in zip(histories, names)]
     sizes = np.array([len(h) for h in ids], dtype=np.int64)
+    ends = np.cumsum(sizes)
     flat = np.concatenate(ids)
     _, known = index.find(flat)  # every id is checked, also those before the last max_seq_len
     if not known.all():
         bad = int(np.flatnonzero(~known)[0])
-        query = int(np.searchsorted(np.cumsum(sizes), bad, side="right"))
-        position = bad - int(sizes[:query].sum())
+        query = int(np.searchsorted(ends, bad, side="right"))
+        position = bad - int(ends[query] - sizes[query])
         raise RequestError(400, f"{names[query]}[{position}]", f"item id {int(flat[bad])} is not in the catalogue")
     lengths = np.minimum(sizes, max_seq_len)
-    ends = np.cumsum(sizes)
     keep = np.arange(len(flat)) >= np.repeat(ends - lengths, sizes)  # the last max_seq_len of each
     return RecommendRequest(item_ids=flat[keep], lengths=lengths, k=k, exclude_history=exclude, many=many)
 
@@ -152,8 +152,9 @@ def parse_items(payload: object, index: ItemIndex, needs_vectors: bool, max_item
     if known.any():
         row = int(np.flatnonzero(known)[0])
         raise RequestError(409, f"items[{row}].item_id", f"item {ids[row]} is already in the catalogue")
-    if len(set(ids)) < len(ids):
-        row = next(i for i, v in enumerate(ids) if ids.index(v) != i)
+    repeated = repeats(item_ids)
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
         raise RequestError(400, f"items[{row}].item_id", f"item {ids[row]} appears twice")
     if field == "text":
         return NewItems(item_ids, values, None, titles)

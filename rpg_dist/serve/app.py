@@ -185,20 +185,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _run_info(run_dir: str, recommender, cfg: ServeConfig) -> dict:
-    from rpg_dist import io
+    from rpg_dist import catalogue, io
     from rpg_dist.artifacts import RunPaths
     from rpg_dist.config import read_run_config
+    from rpg_dist.model.export import read_model_metadata
 
-    paths, storage = RunPaths(run_dir), read_run_config(run_dir).storage
-    manifest = paths.stage_manifest("build-graph")
-    graph = io.read_json(manifest, storage) if io.exists(manifest, storage) else {}
+    storage = read_run_config(run_dir).storage
+    # load_model checked the weights against this digest; exports from before it get hashed here.
+    weights = read_model_metadata(run_dir, storage).get("weights_sha256") or hashlib.sha256(
+        io.read_bytes(RunPaths(run_dir).model_weights, storage)).hexdigest()
     return {
         "run": run_dir,
         "n_items": len(recommender.index),
-        "graph_version": graph.get("run_id"),
+        "graph_version": catalogue.graph_version(run_dir, storage),
         "decoding": "graph" if recommender.neighbors is not None else "full_ranking",
         "config_sha256": hashlib.sha256(io.read_bytes(io.join(run_dir, "config.yaml"), storage)).hexdigest(),
-        "model_sha256": hashlib.sha256(io.read_bytes(paths.model_weights, storage)).hexdigest(),
+        "model_sha256": weights,
         "decode": {"num_beams": recommender.decode_cfg.num_beams, "steps": recommender.decode_cfg.steps,
                    "start": recommender.decode_cfg.start},
         "max_seq_len": recommender.max_seq_len,

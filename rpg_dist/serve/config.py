@@ -46,7 +46,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("replicas", "max_batch_size", "max_ongoing_requests", "max_body_bytes",
-                     "max_histories", "max_history_len", "max_k"):
+                     "max_histories", "max_history_len", "max_k", "max_new_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
@@ -57,8 +57,6 @@ class ServeConfig:
             raise ConfigError("batch_wait_timeout_s: must be >= 0")
         if self.catalogue_poll_s < 0:
             raise ConfigError("catalogue_poll_s: must be >= 0")
-        if self.max_new_items < 1:
-            raise ConfigError("max_new_items: must be >= 1")
 
     def is_loopback(self) -> bool:
         """True when only this machine can reach ``host``."""
