@@ -228,6 +228,17 @@ def read_verified(uri: str, expected: str, remedy: str, storage: StorageConfig |
     return data
 
 
+def read_parquet_verified(uri: str, expected: str | None, remedy: str, storage: StorageConfig | None = None,
+                          columns: list[str] | None = None) -> pa.Table:
+    """One parquet file read once, checked against ``expected`` (sha256; None: not recorded), then
+    parsed from the same bytes, so the file is neither read twice nor changed between check and use."""
+    data = read_verified(uri, expected, remedy, storage) if expected is not None else read_bytes(uri, storage)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{uri}: unreadable parquet: {err}") from None
+
+
 def write_text(uri: str, text: str, storage: StorageConfig | None = None) -> None:
     write_bytes(uri, text.encode("utf-8"), storage)
 

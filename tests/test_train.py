@@ -358,7 +358,9 @@ def test_heap_reuse_cuts_page_faults_of_repeated_large_allocations():
         tuned = faults_of_allocations()
     finally:
         heap.restore()
-    assert plain > 8 * 10_000  # ~16k pages per fresh 64 MB mapping
+    # Each fresh mapping faults at least once (16k times with 4 KiB pages, 32 with transparent huge
+    # pages): no absolute count that depends on the kernel's page size, only the ratio.
+    assert plain >= 8
     assert tuned < plain / 10
 
 

@@ -5,8 +5,11 @@ survives a killed worker (real processes, real Ray)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +107,55 @@ def test_ray_train_two_workers_resume_after_a_worker_is_killed(synth_dataset, tm
     newest = checkpoint.list_complete(RunPaths(run_dir).checkpoints)[-1][1]
     assert victims[0] not in [w["pid"] for w in checkpoint.read_meta(newest)["workers"]]
     assert io.exists(RunPaths(run_dir).model_weights)
+
+
+# The CLI in a process that arms a crash point aimed at itself (its pid is known before it starts
+# anything): the Ray Train worker that reaches the point signals this driver and waits to be stopped.
+_DRIVER = """import os, signal, sys
+from rpg_dist import failpoints
+failpoints.arm(sys.argv[1], signal.Signals[sys.argv[2]], os.getpid())
+from rpg_dist.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_ray_train_driver_interrupted_then_killed_resumes_each_time(synth_dataset, tmp_path, ray_local):
+    """Ctrl-C on the driver of a Ray Train run exits 130 with a message (Ray Train's own handler
+    exited 1 with none) and stops its workers; kill -9 of the driver at the next checkpoint stops
+    them too; each rerun resumes from the newest complete checkpoint, and the three runs together
+    train the straight run's batches (the same losses)."""
+    from rpg_dist import failpoints
+    from rpg_dist.train.stage import train
+
+    same = ["model.embd_dropout=0", "model.attn_dropout=0", "train.log_every=1", "train.torch_threads=1"]
+    straight = new_run(synth_dataset, str(tmp_path / "straight"))
+    train(debug_config(synth_dataset, straight, *same))
+    run_dir = new_run(synth_dataset, str(tmp_path / "run"))
+    on_ray = [*same, "train.launcher=ray", "train.cpus_per_worker=1", f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    sets = [arg for o in [f"dataset={synth_dataset}", f"run_dir={run_dir}", *on_ray] for arg in ("--set", o)]
+    steps_per_epoch = 7
+    for sig, exit_code, epoch in ((signal.SIGINT, 130, 1), (signal.SIGKILL, -signal.SIGKILL, 2)):
+        out = subprocess.run([sys.executable, "-c", _DRIVER, "checkpoint-committed-rank0", sig.name,
+                              "train", "--config", DEBUG_CONFIG, *sets], capture_output=True, text=True, timeout=600)
+        assert out.returncode == exit_code, out.stderr[-4000:]
+        [worker] = failpoints.fired("checkpoint-committed-rank0")
+        while not _gone(worker):  # stopped by Ray once its driver is gone (the point holds it till then)
+            time.sleep(0.1)
+        newest = checkpoint.list_complete(RunPaths(run_dir).checkpoints)[-1][1]
+        assert checkpoint.read_meta(newest)["state"]["step"] == epoch * steps_per_epoch
+        if sig == signal.SIGINT:
+            assert out.stderr.rstrip().endswith("rpg-dist train: interrupted") and "Traceback" not in out.stderr
+    # The last epoch in this process (checkpoints do not depend on the launcher; one Ray Train
+    # start less keeps the suite short).
+    summary = train(debug_config(synth_dataset, run_dir, *same))
+    assert summary["resumed_from_step"] == 2 * steps_per_epoch and summary["steps"] == 3 * steps_per_epoch
+    np.testing.assert_allclose(logged_losses(run_dir), logged_losses(straight), rtol=0, atol=TOLERANCE)

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rpg_dist import io
+from rpg_dist import failpoints, io
 from rpg_dist.data.items import sorted_lookup
 from rpg_dist.data.splits import MIN_SEQUENCE_LENGTH
 from rpg_dist.errors import DataError
@@ -204,6 +204,7 @@ class DatasetWriter:
                 io.remove(io.join(self.uri, name), self.storage)
         for name in (ITEMS, SEQUENCES):
             io.move(io.join(self._staging, name), io.join(self.uri, name), self.storage)
+        failpoints.reach("dataset-parts-moved")
         io.write_json(info_uri(self.uri), dataclasses.asdict(info), self.storage)
         io.remove(self._staging, self.storage)
         self._committed = True

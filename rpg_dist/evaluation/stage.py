@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rpg_dist import configlib, io
+from rpg_dist import configlib, failpoints, io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.data.dataset import read_sequences
 from rpg_dist.data.items import ItemIndex
@@ -102,6 +102,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             metrics[name] = graph
             if full is not None:
                 metrics[f"{name}_full_ranking"] = full
+            failpoints.reach("split-evaluated")
     finally:
         close()
     # The same most-frequent training items (ties by lower row) for every test query.

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rpg_dist import io
+from rpg_dist import failpoints, io
 from rpg_dist.artifacts import RunPaths, read_versioned_json
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.errors import DataError
@@ -61,6 +61,7 @@ def write_graph(
             io.write_parquet(table, io.join(paths.graph, name), storage, row_group_size=65_536)
             files[str(part)].append(name)
             digests[name] = io.file_sha256(io.join(paths.graph, name), storage)
+            failpoints.reach("graph-part-written")
     io.write_json(paths.graph_stats, stats, storage)
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files, "digests": digests}
     io.write_json(paths.graph_manifest, manifest, storage)
@@ -106,11 +107,8 @@ def load_graph(
     ]
     width = int(manifest["n_edges"])
     digests = manifest.get("digests", {})  # absent in graphs built before digests were recorded
-    for name in names:
-        if name in digests:
-            uri = io.join(RunPaths(run_dir).graph, name)
-            io.check_digest(uri, io.file_sha256(uri, storage), digests[name], "rebuild it with `rpg-dist build-graph`")
-    parts = [_read_part(io.join(RunPaths(run_dir).graph, name), index, width, storage) for name in names]
+    parts = [_read_part(io.join(RunPaths(run_dir).graph, name), digests.get(name), index, width, storage)
+             for name in names]
     rows = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
     neighbors = np.concatenate([p.neighbors for p in parts]) if parts else np.empty((0, width), np.int32)
     part_of = np.concatenate([p.partition for p in parts]) if parts else np.empty(0, np.int32)
@@ -121,8 +119,9 @@ def load_graph(
     return graph
 
 
-def _read_part(uri: str, index: ItemIndex, width: int, storage: StorageConfig | None) -> ItemGraph:
-    table = io.read_parquet(uri, storage, ["item_id", "neighbors", "partition"])
+def _read_part(uri: str, digest: str | None, index: ItemIndex, width: int, storage: StorageConfig | None) -> ItemGraph:
+    table = io.read_parquet_verified(uri, digest, "rebuild it with `rpg-dist build-graph`", storage,
+                                     ["item_id", "neighbors", "partition"])
     rows = index.rows(table.column("item_id").to_numpy(), what=f"{uri}: field 'item_id'")
     lists = table.column("neighbors").combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()

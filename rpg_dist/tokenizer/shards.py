@@ -244,6 +244,7 @@ def _collect(ds, n_tasks: int, what: str) -> list[dict[str, Any]]:
         if row["error_type"]:
             raise _ERRORS.get(row["error_type"], errors.StageError)(row["error"])
         manifests.append(json.loads(row["manifest"]))
+        failpoints.reach("shard-collected")
         if len(manifests) % max(1, n_tasks // 10) == 0 or len(manifests) == n_tasks:
             log.info("%s: %d/%d shards, %.1f s", what, len(manifests), n_tasks, time.perf_counter() - start)
     return manifests

@@ -48,10 +48,45 @@ def run_ray(cfg: Config) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     if result.error is not None:
         raise StageError(f"training failed after {tc.max_failures} restart(s): {result.error}") from result.error
     return read_model_metadata(cfg.run_dir, cfg.storage)["training"]
+
+
+def _fit(trainer) -> Any:
+    """``trainer.fit()`` on a helper thread, so that Ctrl-C reaches the CLI as KeyboardInterrupt.
+
+    Called from the main thread, Ray Train installs its own SIGINT handler, which aborts the run and
+    leaves the process to exit 1 with no message. Ray Train skips that handler off the main thread;
+    here the main thread waits, and on Ctrl-C disconnects from Ray, which ends the controller and the
+    workers this driver owns, then re-raises for the CLI's exit 130. Checkpoints are committed
+    atomically, so the next ``rpg-dist train`` resumes from the newest complete one.
+    """
+    import threading
+
+    import ray
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping the training workers; `rpg-dist train` resumes from the newest "
+                    "complete checkpoint")
+        ray.shutdown()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def loop_config(cfg: Config) -> dict[str, Any]:
