@@ -123,7 +123,11 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
 
 def read_text(uri: str, storage: StorageConfig | None = None) -> str:
     """The file as UTF-8 text. Raises DataError naming the file and byte where it is not UTF-8."""
-    data = read_bytes(uri, storage)
+    return decode_text(read_bytes(uri, storage), uri)
+
+
+def decode_text(data: bytes, uri: str) -> str:
+    """``data`` (the bytes of ``uri``) as UTF-8; DataError naming the line and byte where it is not."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

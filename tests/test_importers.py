@@ -73,7 +73,10 @@ def test_s3rec_text_and_placeholders(tmp_path):
          "items.jsonl: line 4: field 'brand' holds the control character"),
         (GOOD_ITEMS + [json.dumps({"item_id": 4, "title": "ok", "categories": [["Beauty", "Nails\u001b"]]})],
          ["1 1 2"], "items.jsonl: line 4: field 'categories' holds the control character"),
-        (GOOD_ITEMS, ["1 1 2", "2 3 x"], "sequences.txt: line 2: field 'item_ids' has non-integer value 'x'"),
+        (GOOD_ITEMS, ["1 1 2", "2 3 x"], "sequences.txt: line 2: field 'item_ids' has value 'x', not an integer"),
+        (GOOD_ITEMS, ["1 1 2", "2 3 9223372036854775808"],
+         "sequences.txt: line 2: field 'item_ids' has value '9223372036854775808', not an integer within int64"),
+        (GOOD_ITEMS, [], "sequences.txt: the file holds no sequences"),
         (GOOD_ITEMS, ["1 1 2", "7"], "sequences.txt: line 2: expected 'user_id item_id [item_id ...]'"),
         (GOOD_ITEMS, ["1 1 2", "2 3 42"], "sequences.txt: row 2 (user 2): field 'item_ids' references item_id 42"),
     ],
@@ -84,6 +87,17 @@ def test_s3rec_bad_input(tmp_path, items, seqs, message):
         prepare(_s3rec(tmp_path, items, seqs), str(out))
     assert message in str(err.value)
     assert not out.exists()
+
+
+def test_s3rec_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    cfg = _s3rec(tmp_path, GOOD_ITEMS, ["1 1 2"])
+    for name, data in (("sequences.txt", b"1 1 2\n2 3 \xff\n"), ("items.jsonl", GOOD_ITEMS[0].encode() + b"\n\xe9\n")):
+        original = (tmp_path / "raw" / name).read_bytes()
+        (tmp_path / "raw" / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}: line 2 \(byte \d+\) is not UTF-8 text"):
+            prepare(cfg, str(tmp_path / "ds"))
+        (tmp_path / "raw" / name).write_bytes(original)
+    assert not (tmp_path / "ds").exists()
 
 
 def test_s3rec_missing_file(tmp_path):
@@ -222,6 +236,30 @@ def test_interactions_bad_input(tmp_path):
     cfg = _interactions(tmp_path, EVENTS, ITEMS, "parquet")
     (tmp_path / "events.parquet").write_bytes((tmp_path / "events.parquet").read_bytes()[:64])
     with pytest.raises(DataError, match=r"events.parquet: unreadable table"):
+        prepare(cfg, str(tmp_path / "ds"))
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(("events", "items", "message"), [
+    # an unsigned id beyond int64 in the events, in the items table, as a user
+    ({"user_id": [7, 7, 7], "item_id": pa.array([10, 2**64 - 1, 30], pa.uint64()), "timestamp": [1, 2, 3]}, None,
+     r"events.parquet: row 1: field 'item_id' value 18446744073709551615 is not an integer within int64"),
+    (None, {"item_id": pa.array([10, 20, 2**63], pa.uint64()), "title": ["a", "b", "c"]},
+     r"items.parquet: row 2: field 'item_id' value 9223372036854775808 is not an integer within int64"),
+    ({"user_id": pa.array([2**64 - 1] * 3, pa.uint64()), "item_id": [10, 20, 30], "timestamp": [1, 2, 3]}, None,
+     r"events.parquet: row 0: field 'user_id' value 18446744073709551615 is not an integer"),
+    # text ids, or fractions, where the items table's ids are integers
+    ({"user_id": [7, 7, 7], "item_id": ["10", "x", "30"], "timestamp": [1, 2, 3]}, None,
+     r"events.parquet: row 1: field 'item_id' value 'x' is not an integer within int64"),
+    ({"user_id": [7, 7, 7], "item_id": [10.0, 20.5, 30.0], "timestamp": [1, 2, 3]}, None,
+     r"events.parquet: row 1: field 'item_id' value 20.5 is not an integer within int64"),
+])
+def test_interactions_ids_of_the_wrong_type_name_the_row(tmp_path, events, items, message):
+    good_events = {"user_id": [7, 7, 7], "item_id": [10, 20, 30], "timestamp": [1, 2, 3]}
+    good_items = {"item_id": [10, 20, 30], "title": ["a", "b", "c"]}
+    cfg = _interactions(tmp_path, pa.table(events or good_events), pa.table(items or good_items), "parquet",
+                        user="user_id", item="item_id", timestamp="timestamp", item_id="item_id", text=["title"])
+    with pytest.raises(DataError, match=message):
         prepare(cfg, str(tmp_path / "ds"))
     assert not (tmp_path / "ds").exists()
 

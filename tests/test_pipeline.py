@@ -268,6 +268,27 @@ def test_altered_artefacts_are_refused_where_they_are_read(tiny_run, tmp_path):
         load_graph(run_dir, load_semantic_ids(paths.semantic_ids).index)
 
 
+def test_build_graph_refuses_altered_weights_and_an_unreadable_header_is_a_clear_error(tiny_run, tmp_path):
+    from rpg_dist.graph.stage import load_token_embeddings
+
+    _, run_dir = own_copy(tiny_run, tmp_path)
+    paths = RunPaths(run_dir)
+    _flip_bytes(Path(paths.model_weights))
+    with pytest.raises(StageError, match="model.safetensors: content differs from the digest"):
+        load_token_embeddings(run_dir)
+    # An export from before weight digests: nothing to check against, but a broken header is still
+    # one line naming the file (was safetensors' own exception).
+    config = io.read_json(paths.model_config)
+    del config["weights_sha256"]
+    io.write_json(paths.model_config, config)
+    Path(paths.model_weights).write_bytes(b"\xff" * 64)
+    with pytest.raises(StageError, match="model.safetensors: not a readable safetensors file"):
+        load_token_embeddings(run_dir)
+    out = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,17"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "not a readable safetensors file" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_run_redoes_a_stage_whose_outputs_changed(tiny_run, tmp_path):
     cfg, run_dir = own_copy(tiny_run, tmp_path)
     before = _run_ids(run_dir)

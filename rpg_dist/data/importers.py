@@ -82,7 +82,7 @@ def read_s3rec(folder: str, storage: StorageConfig | None = None) -> RawDataset:
             "asin": pa.array([_opt_str(r.get("asin")) for r in records], pa.string()),
         }
     )
-    users, sequences = _id_lines(_read_required(seq_uri, storage).decode("utf-8"), seq_uri)
+    users, sequences = _id_lines(io.decode_text(_read_required(seq_uri, storage), seq_uri), seq_uri)
     return RawDataset(
         items=items,
         sequences=pa.table({"user_id": pa.array(users, pa.int64()), "item_ids": sequences}),
@@ -94,18 +94,21 @@ def read_s3rec(folder: str, storage: StorageConfig | None = None) -> RawDataset:
 def _id_lines(text: str, origin: str) -> tuple[np.ndarray, pa.ListArray]:
     """Parse ``user item item ...`` lines into user ids and item-id lists (one split over the file)."""
     lines = [line for line in text.splitlines()]
+    if not text.strip():
+        raise DataError(f"{origin}: the file holds no sequences (expected lines of 'user_id item_id [item_id ...]')")
     counts = np.fromiter((len(line.split()) for line in lines), np.int64, len(lines))
     if len(lines) and (counts < 2).any():
         row = int(np.flatnonzero(counts < 2)[0])
         raise DataError(f"{origin}: line {row + 1}: expected 'user_id item_id [item_id ...]', got {lines[row]!r}")
     try:
         tokens = np.array(text.split(), dtype=np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):
         for line_no, line in enumerate(lines, start=1):
             for field_no, token in enumerate(line.split()):
-                if not token.lstrip("-").isdigit():
+                if not token.lstrip("-").isdigit() or not -(2**63) <= int(token) < 2**63:
                     what = "user_id" if field_no == 0 else "item_ids"
-                    raise DataError(f"{origin}: line {line_no}: field '{what}' has non-integer value {token!r}")
+                    raise DataError(f"{origin}: line {line_no}: field '{what}' has value {token!r}, "
+                                    "not an integer within int64")
         raise
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     users = tokens[starts]
@@ -247,7 +250,7 @@ def _gunzip(data: bytes, origin: str) -> str:
 def _json_lines(data: bytes, origin: str) -> list[dict[str, Any]]:
     """One JSON object per line; record i is line i + 1 (blank lines only at the end)."""
     records = []
-    for line_no, line in enumerate(data.decode("utf-8").rstrip().split("\n"), start=1):
+    for line_no, line in enumerate(io.decode_text(data, origin).rstrip().split("\n"), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:

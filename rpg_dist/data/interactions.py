@@ -65,7 +65,7 @@ def _write_items(uri: str, columns: InteractionsColumns, writer: DatasetWriter, 
         row = int(np.flatnonzero(pc.is_null(raw).to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{uri}: row {row}: field '{columns.item_id}' is null")
     integer = pa.types.is_integer(raw.type)
-    keys = pc.cast(raw, pa.int64()) if integer else pc.cast(raw, pa.string())
+    keys = _cast(raw, pa.int64() if integer else pa.string(), uri, columns.item_id, 0)
     ordered = pc.take(keys, pc.sort_indices(keys))
     if len(ordered) > 1:
         repeats = pc.equal(ordered[1:], ordered[:-1]).to_numpy(zero_copy_only=False)
@@ -75,7 +75,7 @@ def _write_items(uri: str, columns: InteractionsColumns, writer: DatasetWriter, 
     for batch, first_row in _batches(uri, [columns.item_id, *columns.text], storage):
         for i, name in enumerate(columns.text):
             _check_text_column(batch.column(i + 1), uri, name, first_row)
-        batch_keys = pc.cast(batch.column(0), pa.int64() if integer else pa.string())
+        batch_keys = _cast(batch.column(0), pa.int64() if integer else pa.string(), uri, columns.item_id, first_row)
         ids = batch_keys if integer else pc.add(pc.index_in(batch_keys, value_set=sorted_keys), 1)
         texts = [item_text.item_text(values) for values in zip(*(batch.column(i + 1).to_pylist()
                                                                 for i in range(len(columns.text))))]
@@ -125,7 +125,7 @@ def _spill(uri: str, columns: InteractionsColumns, item_keys: pa.Array, spill: s
             _check_timestamps(time, uri, columns.timestamp, first_row)
             dense = _dense_items(item, item_keys, uri, columns.item, first_row)
             string_users = not pa.types.is_integer(user.type)
-            user = pc.cast(user, pa.string() if string_users else pa.int64())
+            user = _cast(user, pa.string() if string_users else pa.int64(), uri, columns.user, first_row)
             part = _partition_of(user, n_parts)
             rows = pa.array(np.arange(first_row, first_row + len(batch), dtype=np.int64))
             time = pc.cast(time, pa.int64()) if pa.types.is_timestamp(time.type) else time
@@ -166,12 +166,28 @@ def _check_timestamps(column: pa.Array, uri: str, name: str, first_row: int) -> 
 
 def _dense_items(item: pa.Array, item_keys: pa.Array, uri: str, name: str, first_row: int) -> pa.Array:
     integer = pa.types.is_integer(item_keys.type)
-    lookup = pc.index_in(pc.cast(item, item_keys.type), value_set=item_keys)
+    lookup = pc.index_in(_cast(item, item_keys.type, uri, name, first_row), value_set=item_keys)
     if lookup.null_count:
         row = int(np.flatnonzero(pc.is_null(lookup).to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{uri}: row {first_row + row}: field '{name}' value {item[row].as_py()!r} "
                         "is not in the items table")
     return pc.cast(item, pa.int64()) if integer else pc.cast(pc.add(lookup, 1), pa.int64())
+
+
+def _cast(values: pa.Array, kind: pa.DataType, uri: str, name: str, first_row: int) -> pa.Array:
+    """``values`` as ``kind``; a DataError naming the row of the first value that does not convert
+    (an unsigned id beyond int64, text or a fraction where the ids are integers)."""
+    try:
+        return pc.cast(values, kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    wanted = "an integer within int64" if pa.types.is_integer(kind) else str(kind)
+    for row, value in enumerate(values.to_pylist()):  # only on the error path
+        try:
+            pa.array([value], values.type).cast(kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+            raise DataError(f"{uri}: row {first_row + row}: field '{name}' value {value!r} is not {wanted}") from None
+    raise DataError(f"{uri}: field '{name}' has type {values.type}, which cannot be read as {wanted}")
 
 
 def _partition_of(user: pa.Array, n_parts: int) -> np.ndarray:

@@ -28,14 +28,14 @@ def load_token_embeddings(run_dir: str, storage: StorageConfig | None = None) ->
     """The (m, V, d) ``token_embeddings`` tensor of the exported model (read without building it).
 
     Raises:
-        StageError: no exported model, or no ``token_embeddings`` tensor in it.
+        StageError: no exported model, weights altered since export, or no ``token_embeddings`` in them.
     """
-    from safetensors.torch import load as load_safetensors
+    from rpg_dist.model.export import read_weights
 
     uri = RunPaths(run_dir).model_weights
     if not io.exists(uri, storage):
         raise StageError(f"{uri}: no trained model; run `rpg-dist train` first")
-    tensors = load_safetensors(io.read_bytes(uri, storage))
+    tensors = read_weights(RunPaths(run_dir).model, storage)
     if "token_embeddings" not in tensors or tensors["token_embeddings"].dim() != 3:
         raise StageError(f"{uri}: no (m, V, d) tensor named 'token_embeddings'")
     return tensors["token_embeddings"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -96,8 +97,13 @@ def read_weights(folder: str, storage: StorageConfig | None = None) -> dict[str,
     expected = io.read_json(config_uri, storage).get("weights_sha256") if io.exists(config_uri, storage) else None
     if expected is None:
         log.warning("%s: no weights digest recorded (exported by an older rpg-dist); loading unverified", uri)
-        return load_safetensors(io.read_bytes(uri, storage))
-    return load_safetensors(io.read_verified(uri, expected, "retrain, or restore the file, to use this run", storage))
+        data = io.read_bytes(uri, storage)
+    else:
+        data = io.read_verified(uri, expected, "retrain, or restore the file, to use this run", storage)
+    try:
+        return load_safetensors(data)
+    except SafetensorError as err:  # a bad header or sizes (a file from elsewhere, or corrupt)
+        raise StageError(f"{uri}: not a readable safetensors file ({err}); retrain, or restore the file") from None
 
 
 def save_model(
