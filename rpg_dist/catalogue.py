@@ -61,6 +61,8 @@ class ItemEncoder:
         meta = io.read_json(RunPaths(run_dir).opq_meta, self.storage)
         self.index = opq.read_index(RunPaths(run_dir).opq_index, meta["index_digest"], self.storage)
         self.dim = int(meta["dim"])
+        # The dtype the catalogue was embedded with (an "auto" setting resolved then, recorded here).
+        self.dtype = meta.get("encoder", {}).get("dtype", self.tokenize.encoder_dtype)
         self._encoder = None
 
     @property
@@ -85,7 +87,7 @@ class ItemEncoder:
             raw = vectors.astype(np.float32)
         else:
             if self._encoder is None:
-                self._encoder = embed.load_encoder(self.tokenize.encoder, self.tokenize.encoder_dtype, "cpu",
+                self._encoder = embed.load_encoder(self.tokenize.encoder, self.dtype, "cpu",
                                                    max(1, os.cpu_count() or 1))
             raw = embed.embed_texts(self._encoder, list(texts or []), self.tokenize.embed_batch_size)
         return opq.encode(self.index, embed.normalize_checked(raw, item_ids, origin, 0))

@@ -20,7 +20,7 @@ def test_shards_run_on_both_nodes(ray_two_nodes, synth_dataset, tmp_path):
         "dataset": synth_dataset, "run_dir": str(tmp_path / "run"), "seed": 0,
         "ray": {"address": ray_two_nodes.gcs_address},
         # Two 0.5-CPU actors on two 1-CPU nodes: Ray Data spreads them, one per node.
-        "tokenize": {"n_digit": 8, "shard_size": 40, "opq_niter": 2, "encoder_dtype": "bfloat16",
+        "tokenize": {"n_digit": 8, "shard_size": 40, "opq_niter": 2, "encoder_dtype": "auto",
                      "concurrency": 2, "num_cpus_per_actor": 0.5, "opq_num_cpus": 1.0},
     })
     stats = stage.tokenize(cfg)

@@ -21,8 +21,9 @@ from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 
 pytestmark = pytest.mark.slow
 
-# Small but real: 600 synthetic items in shards of 64, OPQ16 with few iterations, bf16 encoder.
-TOKENIZE = {"n_digit": 16, "shard_size": 64, "opq_niter": 4, "encoder_dtype": "bfloat16",
+# Small but real: 600 synthetic items in shards of 64, OPQ16 with few iterations, the encoder in
+# bf16 where the CPU has it natively, else fp32 (encoder_dtype auto).
+TOKENIZE = {"n_digit": 16, "shard_size": 64, "opq_niter": 4, "encoder_dtype": "auto",
             "concurrency": 2, "num_cpus_per_actor": 0.5}
 
 
@@ -74,6 +75,10 @@ def test_outputs_match_the_dataset_and_the_brute_force_twin(tokenized, synth_dat
     assert {m["omp_wait_policy"] for m in manifests} == {"PASSIVE"}
     n_train = len(stage.training_item_ids(synth_dataset, None, cfg.model.max_seq_len))
     assert stats["opq"]["n_sample"] == n_train < len(ids)
+    # "auto" was decided once, on the driver, and the shards and the index record what it chose.
+    chosen = embed.resolve_dtype("auto", use_gpu=False)
+    assert chosen == ("bfloat16" if embed.native_bf16() else "float32")
+    assert stats["opq"]["encoder"] == {"encoder": "bundled", "dtype": chosen}
 
 
 def test_same_data_config_and_seed_give_identical_codes(tokenized, tmp_path):

@@ -16,8 +16,11 @@ class TokenizeConfig:
     # package (offline); anything else is a local model directory present on every node. Never a
     # hub download.
     encoder: str = BUNDLED_ENCODER
-    # bfloat16 is ~2.5x faster on CPUs with avx512_bf16 at cosine ~1.0 to float32 (STACK-NOTES).
-    encoder_dtype: Literal["float32", "bfloat16"] = "float32"
+    # bfloat16 is ~2.5x faster on CPUs with avx512_bf16 at cosine ~1.0 to float32 (STACK-NOTES), and
+    # 5.6x slower on CPUs without native bf16 (AVX2 only), where torch emulates it. "auto": bfloat16
+    # with GPU actors or where the driver's CPU has avx512_bf16/AMX, else float32; decided once on
+    # the driver for every actor, and the resolved dtype is what the shards and the OPQ index record.
+    encoder_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     # Precomputed item vectors instead of the encoder (rpg_dist/tokenizer/precomputed.py): "items"
     # reads an `embedding` column of the dataset's items table; a parquet URI (file or folder) of
     # `item_id, embedding` rows holding every item once. "" (default): encode the item text.

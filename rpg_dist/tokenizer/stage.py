@@ -15,6 +15,7 @@ reused. ``add`` embeds and encodes new items with the trained index and rewrites
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import posixpath
@@ -58,6 +59,7 @@ def tokenize(cfg: Config, add: str | None = None) -> dict[str, Any]:
     if not cfg.tokenize.embeddings:
         embed.resolve_encoder(cfg.tokenize.encoder)  # fail before starting anything
     init_ray(cfg.ray)
+    cfg = resolved_dtype(cfg)
     paths = RunPaths(cfg.run_dir)
     timings: dict[str, Any] = {}
     keys = _add_items(cfg, paths, add, timings) if add else _tokenize_dataset(cfg, paths, timings)
@@ -88,6 +90,7 @@ def _tokenize_dataset(cfg: Config, paths: RunPaths, timings: dict[str, Any]) -> 
 def embed_dataset(cfg: Config) -> tuple[list[shards.Shard], str, dict[str, Any]]:
     """Embed every item of ``cfg.dataset`` not embedded yet: ``(shard plan, fingerprint, timings)``."""
     init_ray(cfg.ray)
+    cfg = resolved_dtype(cfg)
     t, storage = cfg.tokenize, cfg.storage
     dataset.read_info(cfg.dataset, storage)
     items = precomputed.source_uri(t.embeddings, cfg.dataset) if t.embeddings else dataset.items_uri(cfg.dataset)
@@ -374,6 +377,15 @@ def _check_dim(dim: int, t: TokenizeConfig) -> None:
     if (t.pca_dim or dim) % t.n_digit:
         raise ConfigError(f"tokenize.n_digit: the embedding dimension {dim} is not divisible by "
                           f"n_digit ({t.n_digit}); set tokenize.pca_dim to a multiple of {t.n_digit}")
+
+
+def resolved_dtype(cfg: Config) -> Config:
+    """``cfg`` with ``tokenize.encoder_dtype: auto`` made concrete (embed.resolve_dtype), once, here."""
+    t = cfg.tokenize
+    if t.encoder_dtype != "auto":
+        return cfg
+    dtype = embed.resolve_dtype("auto", use_gpu=not t.embeddings and _embed_gpus(t) > 0)
+    return dataclasses.replace(cfg, tokenize=dataclasses.replace(t, encoder_dtype=dtype))
 
 
 def _encoder_identity(t: TokenizeConfig) -> dict[str, str]:
