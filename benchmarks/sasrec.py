@@ -83,9 +83,9 @@ def training_pairs(train, index: ItemIndex, max_len: int) -> tuple[torch.Tensor,
     lengths = np.diff(train.offsets.to_numpy())
     keep = np.flatnonzero(lengths >= 2)
     sequences, n = as_rows(train.take(keep), index, max_len + 1)
-    inputs, targets = sequences[:, :-1].clone(), sequences[:, 1:].clone()
+    inputs = sequences.clone()
     inputs[torch.arange(len(n)), torch.from_numpy(n - 1)] = 0  # the last item is only a target
-    return inputs, targets
+    return inputs[:, :-1], sequences[:, 1:].clone()
 
 
 def loss_of(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, kind: str, n_items: int,
@@ -153,7 +153,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
         val = evaluate(model, *examples["val"])
         curve.append({"epoch": epoch, "train_loss": total / len(order), "val_ndcg@10": val["ndcg@10"]})
         print(f"epoch {epoch} loss {total / len(order):.4f} val ndcg@10 {val['ndcg@10']:.4f} "

@@ -1,6 +1,5 @@
 """benchmarks/sasrec.py, the SASRec baseline: its inputs follow the leave-one-out protocol (a loop
-twin written from the protocol), and a short run learns (well above popularity on the synthetic
-catalogue, whose sequences follow item transitions)."""
+twin written from the protocol), and a short run through its command line ranks far above chance."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ def test_training_pairs_and_histories_follow_the_protocol():
         assert n == min(len(seq), max_len) and got[:n] == [i - 99 for i in seq[-max_len:]] and not any(got[n:])
 
 
-def test_a_short_run_learns(synth_dataset, tmp_path):
+def test_a_short_run_ranks_far_above_chance(synth_dataset, tmp_path):
     out = tmp_path / "sasrec.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sasrec.py"), "--dataset", synth_dataset,
                            "--epochs", "6", "--d", "32", "--dropout", "0.2", "--out", str(out)],
@@ -47,5 +46,5 @@ def test_a_short_run_learns(synth_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert 1 <= result["best_epoch"] <= result["epochs_run"] <= 6
-    # 600 items: popularity-free random ranking gets NDCG@10 ~ 0.01.
+    # 600 items: a random ranking gets NDCG@10 ~ 0.009.
     assert result["test"]["ndcg@10"] > 0.05, result["test"]
