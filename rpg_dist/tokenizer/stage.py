@@ -59,7 +59,7 @@ def tokenize(cfg: Config, add: str | None = None) -> dict[str, Any]:
     if not cfg.tokenize.embeddings:
         embed.resolve_encoder(cfg.tokenize.encoder)  # fail before starting anything
     init_ray(cfg.ray)
-    cfg = resolved_dtype(cfg)
+    cfg = resolved_dtype(cfg, RunPaths(cfg.run_dir).opq_meta if add else None)
     paths = RunPaths(cfg.run_dir)
     timings: dict[str, Any] = {}
     keys = _add_items(cfg, paths, add, timings) if add else _tokenize_dataset(cfg, paths, timings)
@@ -379,12 +379,16 @@ def _check_dim(dim: int, t: TokenizeConfig) -> None:
                           f"n_digit ({t.n_digit}); set tokenize.pca_dim to a multiple of {t.n_digit}")
 
 
-def resolved_dtype(cfg: Config) -> Config:
-    """``cfg`` with ``tokenize.encoder_dtype: auto`` made concrete (embed.resolve_dtype), once, here."""
+def resolved_dtype(cfg: Config, trained_meta: str | None = None) -> Config:
+    """``cfg`` with ``tokenize.encoder_dtype: auto`` made concrete (embed.resolve_dtype), once, here;
+    with ``trained_meta`` (opq.json of the index new items join), the dtype that index recorded, so
+    items added on another kind of machine are embedded as the catalogue was."""
     t = cfg.tokenize
     if t.encoder_dtype != "auto":
         return cfg
-    dtype = embed.resolve_dtype("auto", use_gpu=not t.embeddings and _embed_gpus(t) > 0)
+    recorded = io.read_json(trained_meta, cfg.storage).get("encoder", {}).get("dtype") if (
+        trained_meta and io.exists(trained_meta, cfg.storage)) else None
+    dtype = recorded or embed.resolve_dtype("auto", use_gpu=not t.embeddings and _embed_gpus(t) > 0)
     return dataclasses.replace(cfg, tokenize=dataclasses.replace(t, encoder_dtype=dtype))
 
 
