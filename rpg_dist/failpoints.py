@@ -56,14 +56,6 @@ def arm(name: str, sig: signal.Signals = signal.SIGKILL, pid: int | None = None)
         handle.write(f"{sig.name} {pid}" if pid is not None else sig.name)
 
 
-def disarm(name: str) -> None:
-    """Remove ``name`` if no process has reached it."""
-    try:
-        os.remove(os.path.join(os.environ[ENV], name))
-    except FileNotFoundError:
-        pass
-
-
 def fired(name: str) -> list[int]:
     """Pids of the processes that fired ``name`` (and clears the record)."""
     folder = os.environ[ENV]

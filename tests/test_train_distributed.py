@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,12 +119,16 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def _gone(pid: int) -> bool:
+def _wait_exit(pid: int) -> None:
+    """Block until process ``pid`` (not our child) has exited: its pidfd becomes readable then."""
     try:
-        os.kill(pid, 0)
+        fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return True
-    return False
+        return
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.slow
@@ -148,8 +152,7 @@ def test_ray_train_driver_interrupted_then_killed_resumes_each_time(synth_datase
                               "train", "--config", DEBUG_CONFIG, *sets], capture_output=True, text=True, timeout=600)
         assert out.returncode == exit_code, out.stderr[-4000:]
         [worker] = failpoints.fired("checkpoint-committed-rank0")
-        while not _gone(worker):  # stopped by Ray once its driver is gone (the point holds it till then)
-            time.sleep(0.1)
+        _wait_exit(worker)  # stopped by Ray once its driver is gone (the point holds it till then)
         newest = checkpoint.list_complete(RunPaths(run_dir).checkpoints)[-1][1]
         assert checkpoint.read_meta(newest)["state"]["step"] == epoch * steps_per_epoch
         if sig == signal.SIGINT:
