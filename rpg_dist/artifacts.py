@@ -55,6 +55,14 @@ class RunPaths:
         return self._at("tokenizer", "opq.faissindex")
 
     @property
+    def collaborative(self) -> str:  # safetensors: hybrid semantic IDs' collaborative vectors and text map
+        return self._at("tokenizer", "collaborative.safetensors")
+
+    @property
+    def collaborative_meta(self) -> str:  # its commit marker: fingerprint, digest, weight, fit facts
+        return self._at("tokenizer", "collaborative.json")
+
+    @property
     def tokenizer_stats(self) -> str:
         return self._at("tokenizer", "stats.json")
 

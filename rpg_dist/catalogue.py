@@ -54,13 +54,18 @@ class ItemEncoder:
 
     def __init__(self, run_dir: str, storage: StorageConfig | None = None) -> None:
         from rpg_dist.config import read_run_config
-        from rpg_dist.tokenizer import opq
+        from rpg_dist.tokenizer import collaborative, opq
 
         cfg = read_run_config(run_dir, storage)
         self.tokenize, self.storage = cfg.tokenize, storage or cfg.storage
         meta = io.read_json(RunPaths(run_dir).opq_meta, self.storage)
         self.index = opq.read_index(RunPaths(run_dir).opq_index, meta["index_digest"], self.storage)
         self.dim = int(meta["dim"])
+        # Hybrid IDs: new items have no training co-occurrence, so their collaborative part is the
+        # text map's, as for any cold item at tokenize time.
+        link = meta.get("collaborative")
+        self.collab = (collaborative.read_model(RunPaths(run_dir).collaborative, link["digest"], self.storage)
+                       if link else None)
         # The dtype the catalogue was embedded with (an "auto" setting resolved then, recorded here).
         self.dtype = meta.get("encoder", {}).get("dtype", self.tokenize.encoder_dtype)
         self._encoder = None
@@ -77,7 +82,7 @@ class ItemEncoder:
         Raises:
             DataError: a vector of the wrong size, NaN/inf or all zeros (naming ``origin`` and the row).
         """
-        from rpg_dist.tokenizer import embed, opq
+        from rpg_dist.tokenizer import collaborative, embed, opq
 
         if self.needs_vectors:
             if vectors is None or vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -90,7 +95,10 @@ class ItemEncoder:
                 self._encoder = embed.load_encoder(self.tokenize.encoder, self.dtype, "cpu",
                                                    max(1, os.cpu_count() or 1))
             raw = embed.embed_texts(self._encoder, list(texts or []), self.tokenize.embed_batch_size)
-        return opq.encode(self.index, embed.normalize_checked(raw, item_ids, origin, 0))
+        vectors = embed.normalize_checked(raw, item_ids, origin, 0)  # (n, D)
+        if self.collab is not None:
+            vectors = collaborative.joint(self.collab, item_ids, vectors)  # (n, D + c)
+        return opq.encode(self.index, vectors)
 
 
 def current(run_dir: str, storage: StorageConfig | None = None) -> dict:

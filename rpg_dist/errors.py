@@ -19,3 +19,7 @@ class StorageError(RpgDistError, OSError):
 
 class StageError(RpgDistError, RuntimeError):
     """A stage cannot run because an artefact it needs is missing or incompatible."""
+
+
+class ClusterError(RpgDistError, RuntimeError):
+    """Ray could not be started or joined; the message names ``ray.address`` or the local start."""

@@ -251,10 +251,27 @@ def write_json(uri: str, obj: Any, storage: StorageConfig | None = None) -> None
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", storage)
 
 
-def write_parquet(table: pa.Table, uri: str, storage: StorageConfig | None = None, **kwargs: Any) -> None:
-    """Write ``table`` as one parquet file, atomically."""
+def write_parquet(table: pa.Table, uri: str, storage: StorageConfig | None = None, **kwargs: Any) -> str:
+    """Write ``table`` as one parquet file, atomically; returns the sha256 (hex) of the bytes written,
+    hashed on the way out, so recording a digest never reads the file back (a download on S3)."""
     with atomic_open(uri, storage) as handle:
-        pq.write_table(table, handle, **kwargs)
+        hashing = _HashingWriter(handle)
+        pq.write_table(table, hashing, **kwargs)
+    return hashing.sha256.hexdigest()
+
+
+class _HashingWriter:
+    """A write-only file object that hashes every byte on its way to ``handle``."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.sha256 = handle, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, closed, ... of the real handle
+        return getattr(self.handle, name)
 
 
 def read_parquet(

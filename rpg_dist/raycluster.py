@@ -6,6 +6,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from rpg_dist.errors import ClusterError
+
 if TYPE_CHECKING:
     from rpg_dist.config import RayConfig
 
@@ -22,14 +24,20 @@ def init_ray(cfg: RayConfig) -> None:
     kwargs = {"namespace": cfg.namespace, "log_to_driver": True, "configure_logging": False}
     # Inside a Ray job (rpg-dist submit) RAY_ADDRESS names the cluster the job runs on.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # A cluster decides its own authentication (cluster/ enables token auth): never override it.
-        ray.init(address=address, **kwargs)
-    else:
-        # A local instance without a dashboard, reachable from this machine only: token auth would
-        # only add a token file per run.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    try:
+        if address:
+            # A cluster decides its own authentication (cluster/ enables token auth): never override it.
+            ray.init(address=address, **kwargs)
+        else:
+            # A local instance without a dashboard, reachable from this machine only: token auth
+            # would only add a token file per run.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    except Exception as err:
+        # ray.init raises bare Exception when a local node times out starting (an overloaded
+        # machine), ValueError for a malformed address, ConnectionError for a refused one.
+        where = f"join the Ray cluster at ray.address {address!r}" if address else "start a local Ray instance"
+        raise ClusterError(f"ray: could not {where}: {err}") from None
     log.info("ray: %s, resources %s", address or "local", ray.cluster_resources())
 
 

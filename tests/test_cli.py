@@ -55,6 +55,15 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert bad.returncode == 2 and "config file not found" in bad.stderr
 
 
+def test_a_ray_address_that_cannot_be_joined_is_one_line(tmp_path):
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    out = _run("tokenize", "--config", str(cfg), "--set", f"run_dir={tmp_path / 'run'}", "--set",
+               "ray.address=not-an-address")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "rpg-dist tokenize: error: ray: could not join the Ray cluster at ray.address 'not-an-address'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_bad_override_is_reported(tmp_path):
     cfg = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     out = _run("train", "--config", str(cfg), "--set", "train.lrr=1")

@@ -16,8 +16,10 @@ def _roundtrip(base: str, storage: StorageConfig | None = None) -> None:
     io.write_json(io.join(base, "a", "meta.json"), {"x": 1}, storage)
     assert io.read_json(io.join(base, "a", "meta.json"), storage) == {"x": 1}
     table = pa.table({"item_id": pa.array([3, 1, 2], pa.int64()), "text": ["c", "a", "b"]})
-    io.write_parquet(table.slice(0, 2), io.join(base, "t", "part-00000.parquet"), storage)
+    digest = io.write_parquet(table.slice(0, 2), io.join(base, "t", "part-00000.parquet"), storage)
     io.write_parquet(table.slice(2), io.join(base, "t", "part-00001.parquet"), storage)
+    # The digest hashed while writing is that of the stored bytes.
+    assert digest == io.file_sha256(io.join(base, "t", "part-00000.parquet"), storage)
     assert io.read_parquet(io.join(base, "t"), storage).equals(table)
     batches = [b for _, b in io.iter_parquet(io.join(base, "t"), storage, batch_size=1)]
     assert sum(len(b) for b in batches) == 3

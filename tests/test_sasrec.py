@@ -48,3 +48,28 @@ def test_a_short_run_ranks_far_above_chance(synth_dataset, tmp_path):
     assert 1 <= result["best_epoch"] <= result["epochs_run"] <= 6
     # 600 items: a random ranking gets NDCG@10 ~ 0.009.
     assert result["test"]["ndcg@10"] > 0.05, result["test"]
+
+
+def test_length_batches_cover_each_row_once_and_cutting_padding_changes_no_loss():
+    import torch
+
+    rng = np.random.default_rng(5)
+    ids = np.arange(1, 41)
+    index = ItemIndex(ids)
+    train = pa.array([rng.choice(ids, size=n).tolist() for n in rng.integers(2, 14, 300)], pa.list_(pa.int64()))
+    inputs, targets = sasrec.training_pairs(train, index, 12)
+    lengths = (inputs > 0).sum(1).numpy()
+    batches = sasrec.length_batches(lengths, 16, torch.Generator().manual_seed(0), pool=4)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(inputs)))
+    # Pools sort by length: batches are far narrower than the widest row.
+    assert np.mean([lengths[b].max() - lengths[b].min() for b in batches]) < 0.5 * (lengths.max() - lengths.min())
+    model = sasrec.SASRec(40, 16, 2, 1, 12, 0.0).eval()
+    generator = torch.Generator().manual_seed(0)
+    narrow = [b for b in batches if lengths[b].max() < inputs.shape[1]]
+    assert len(narrow) >= 5
+    for rows in narrow[:5]:
+        width = int(lengths[rows].max())
+        rows = torch.from_numpy(rows)
+        full = sasrec.loss_of(model, inputs[rows], targets[rows], "ce", 40, generator)
+        cut = sasrec.loss_of(model, inputs[rows, :width], targets[rows, :width], "ce", 40, generator)
+        torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)

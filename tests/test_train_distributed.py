@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -156,7 +157,11 @@ def test_ray_train_driver_interrupted_then_killed_resumes_each_time(synth_datase
         newest = checkpoint.list_complete(RunPaths(run_dir).checkpoints)[-1][1]
         assert checkpoint.read_meta(newest)["state"]["step"] == epoch * steps_per_epoch
         if sig == signal.SIGINT:
-            assert out.stderr.rstrip().endswith("rpg-dist train: interrupted") and "Traceback" not in out.stderr
+            # Our process prints no traceback. Lines Ray forwards from its own actors, prefixed
+            # "(ActorName pid=N)", are theirs: under load Ray Train's PlacementGroupCleaner printed
+            # one while the cluster shut down.
+            own = [line for line in out.stderr.splitlines() if not re.match(r"(\x1b\[[0-9;]*m)?\(\w+ pid=\d+", line)]
+            assert own[-1] == "rpg-dist train: interrupted" and not any("Traceback" in line for line in own), own[-40:]
     # The last epoch in this process (checkpoints do not depend on the launcher; one Ray Train
     # start less keeps the suite short).
     summary = train(debug_config(synth_dataset, run_dir, *same))

@@ -58,9 +58,8 @@ def write_graph(
         for chunk, lo in enumerate(range(0, len(rows), ROWS_PER_FILE)):
             name = f"part-{part:05d}-{chunk:05d}.parquet"
             table = _table(index, rows[lo : lo + ROWS_PER_FILE], neighbors, part)
-            io.write_parquet(table, io.join(paths.graph, name), storage, row_group_size=65_536)
+            digests[name] = io.write_parquet(table, io.join(paths.graph, name), storage, row_group_size=65_536)
             files[str(part)].append(name)
-            digests[name] = io.file_sha256(io.join(paths.graph, name), storage)
             failpoints.reach("graph-part-written")
     io.write_json(paths.graph_stats, stats, storage)
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files, "digests": digests}

@@ -43,6 +43,14 @@ class TokenizeConfig:
     # Items per shard: one committed part file each, the unit of resume and retry. An actor holds
     # one shard's texts and embeddings at a time, so this bounds its memory (2048 x 384 x 4 B = 3 MB).
     shard_size: int = 2048
+    # Hybrid semantic IDs (beyond the paper; rpg_dist/tokenizer/collaborative.py): the share w of a
+    # collaborative vector (an SVD of item co-occurrence in the training parts) in each item's
+    # vector, [sqrt(1-w) text, sqrt(w) collaborative]. 0 (default): text only, as the paper; 1:
+    # collaborative only (items without training co-occurrence get a map fitted from their text).
+    collaborative_weight: float = 0.0
+    # Width of the collaborative vectors, and the positions on either side that count as co-occurring.
+    collaborative_dim: int = 64
+    collaborative_window: int = 3
     # Whitened PCA before OPQ (0 = off), fitted on a seeded subsample (pca_sample_size) of the OPQ one.
     # The paper reduced 3072 -> 512 dims.
     pca_dim: int = 0
@@ -69,6 +77,11 @@ class TokenizeConfig:
             raise ConfigError(f"pca_dim: {self.pca_dim} is not divisible by n_digit ({self.n_digit})")
         for name in ("embed_batch_size", "concurrency", "shard_size", "opq_sample_size", "opq_niter",
                      "pca_sample_size", "actor_start_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        if not 0 <= self.collaborative_weight <= 1:
+            raise ConfigError(f"collaborative_weight: {self.collaborative_weight} must be in [0, 1] (0 = text only)")
+        for name in ("collaborative_dim", "collaborative_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.pca_dim < 0:

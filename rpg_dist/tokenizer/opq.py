@@ -19,7 +19,7 @@ import numpy as np
 from rpg_dist import io
 from rpg_dist.data.items import sorted_lookup
 from rpg_dist.errors import DataError, RpgDistError
-from rpg_dist.tokenizer import shards
+from rpg_dist.tokenizer import collaborative, shards
 from rpg_dist.tokenizer.embed import read_embeddings
 
 if TYPE_CHECKING:
@@ -189,11 +189,16 @@ class TrainResult:
 
 
 def train_remote(part_uris: list[str], sample_ids: np.ndarray, cfg: TokenizeConfig, seed: int, threads: int,
-                 storage: StorageConfig | None) -> TrainResult | RpgDistError:
-    """Body of the single OPQ training task: gather the sample, train, return the serialised index."""
+                 storage: StorageConfig | None, collab: tuple[str, str] | None = None) -> TrainResult | RpgDistError:
+    """Body of the single OPQ training task: gather the sample, train, return the serialised index.
+
+    ``collab``: (uri, digest) of the hybrid IDs' collaborative model; the index is then trained on
+    the joint vectors."""
     try:
         start = time.perf_counter()
         x = gather_sample(part_uris, sample_ids, storage)
+        if collab:
+            x = collaborative.joint(collaborative.read_model(*collab, storage), sample_ids, x)
         gathered = time.perf_counter()
         threads = threads or os.cpu_count() or 1
         index = train_index(x, cfg, seed, threads)
@@ -209,11 +214,13 @@ class ShardEncoder:
     """Ray Data callable class: loads the trained index once, encodes and commits one shard per call."""
 
     def __init__(self, *, index_uri: str, index_digest: str, threads: int, out_dir: str, manifest_dir: str,
-                 storage: StorageConfig | None) -> None:
+                 storage: StorageConfig | None, collab: tuple[str, str] | None = None) -> None:
         import faiss
 
         faiss.omp_set_num_threads(threads)
         self.index = read_index(index_uri, index_digest, storage)
+        # Hybrid IDs: (uri, digest) of the collaborative model the index was trained with.
+        self.collab = collaborative.read_model(*collab, storage) if collab else None
         self.out_dir, self.manifest_dir, self.storage = out_dir, manifest_dir, storage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -228,6 +235,8 @@ class ShardEncoder:
 
         start = time.perf_counter()
         item_ids, emb = read_embeddings(part, self.storage)  # (n,), (n, D)
+        if self.collab is not None:
+            emb = collaborative.joint(self.collab, item_ids, emb)  # (n, D + c)
         codes = encode(self.index, emb)  # (n, m)
         out = io.join(self.out_dir, shards.part_name(key))
         io.write_parquet(to_table(item_ids, codes), out, self.storage)

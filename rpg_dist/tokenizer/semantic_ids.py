@@ -44,6 +44,13 @@ def write_semantic_ids(uri: str, item_ids: np.ndarray, codes: np.ndarray, storag
     io.write_parquet(to_table(item_ids, codes), uri, storage)
 
 
+def require_semantic_ids(uri: str, storage: StorageConfig | None = None) -> None:
+    """Raise StageError unless the tokenize stage has written ``uri`` (a cheap check for stages that
+    would otherwise start heavy machinery first)."""
+    if not io.exists(uri, storage):
+        raise StageError(f"{uri}: no semantic IDs; run `rpg-dist tokenize` first")
+
+
 def load_semantic_ids(uri: str, storage: StorageConfig | None = None) -> SemanticIds:
     """Read the table, sorted by ``item_id``.
 
@@ -51,8 +58,7 @@ def load_semantic_ids(uri: str, storage: StorageConfig | None = None) -> Semanti
         StageError: the tokenize stage has not written it yet.
         DataError: codes are out of range or the table is malformed.
     """
-    if not io.exists(uri, storage):
-        raise StageError(f"{uri}: no semantic IDs; run `rpg-dist tokenize` first")
+    require_semantic_ids(uri, storage)
     table = io.read_parquet(uri, storage, ["item_id", "codes"])
     codes_type = table.schema.field("codes").type
     if not pa.types.is_fixed_size_list(codes_type):

@@ -4,6 +4,7 @@ Artefacts under ``run_dir`` (see RunPaths):
 
     embeddings/part-KEY.parquet             item_id, embedding fixed_size_list<float32>[D] (L2-normalised)
     embeddings/_manifests/part-KEY.FP.json  commit marker: node id, pid, seconds, peak RSS, source rows
+    tokenizer/collaborative.safetensors, collaborative.json   hybrid IDs only: the collaborative model
     tokenizer/opq.faissindex, opq.json      trained index and its fingerprint
     tokenizer/codes/part-KEY.parquet (+ _manifests/)   codes of each embedding shard
     tokenizer/semantic_ids.parquet          item_id, codes fixed_size_list<int16>[m]; rows in shard order
@@ -34,7 +35,7 @@ from rpg_dist.data.items import iter_item_ids, repeats
 from rpg_dist.data.splits import leave_one_out
 from rpg_dist.errors import ConfigError, DataError, RpgDistError, StageError
 from rpg_dist.raycluster import init_ray
-from rpg_dist.tokenizer import embed, opq, precomputed, shards
+from rpg_dist.tokenizer import collaborative, embed, opq, precomputed, shards
 from rpg_dist.tokenizer.stats import CodeStats
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ def tokenize(cfg: Config, add: str | None = None) -> dict[str, Any]:
     timings["merge_seconds"] = time.perf_counter() - merge_start
     timings["total_seconds"] = time.perf_counter() - start
     stats.update(version=STATS_VERSION, n_shards=len(keys), timings=timings,
-                 opq=io.read_json(paths.opq_meta, cfg.storage), added_from=add)
+                 opq=io.read_json(paths.opq_meta, cfg.storage), added_from=add,
+                 collaborative=(io.read_json(paths.collaborative_meta, cfg.storage)
+                                if io.exists(paths.collaborative_meta, cfg.storage) else None))
     io.write_json(paths.tokenizer_stats, stats, cfg.storage)
     log.info("tokenize: %d items, %d colliding (%.3f%%), %.1f s", stats["n_items"], stats["n_colliding_items"],
              100 * stats["collision_rate"], timings["total_seconds"])
@@ -81,10 +84,53 @@ def _tokenize_dataset(cfg: Config, paths: RunPaths, timings: dict[str, Any]) -> 
     timings.update(embed_timings)
     keys = [s.key for s in plan] + _current_added_shards(paths, cfg.tokenize, cfg.storage)
     dim = embed.embedding_dim(io.join(paths.embeddings, shards.part_name(plan[0].key)), cfg.storage)
-    _check_dim(dim, cfg.tokenize)
-    timings.update(_train(cfg, paths, [s.key for s in plan], embed_fp, dim))
+    t = cfg.tokenize
+    if t.collaborative_weight:
+        _check_dim(collaborative.joint_dim(dim, t.collaborative_dim, t.collaborative_weight), t,
+                   f"joint (text {dim} + collaborative_dim {t.collaborative_dim}) dimension")
+    else:
+        _check_dim(dim, t)
+    collab = _fit_collaborative(cfg, paths, [s.key for s in plan], embed_fp, timings)
+    timings.update(_train(cfg, paths, [s.key for s in plan], embed_fp, dim, collab))
     timings.update(encode_shards(cfg, keys))
     return keys
+
+
+def _fit_collaborative(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str,
+                       timings: dict[str, Any]) -> dict[str, Any] | None:
+    """Fit (or reuse) the hybrid IDs' collaborative model on one Ray task; its commit record, or
+    None for text-only IDs (a model left by an earlier hybrid run is removed)."""
+    import ray
+
+    t, storage = cfg.tokenize, cfg.storage
+    if not t.collaborative_weight:
+        for uri in (paths.collaborative_meta, paths.collaborative):
+            io.remove(uri, storage)
+        return None
+    seq_fp = shards.input_fingerprint(dataset.sequences_uri(cfg.dataset), storage)
+    fingerprint = shards.digest(embed_fp, seq_fp, cfg.seed, cfg.model.max_seq_len, t.collaborative_weight,
+                                t.collaborative_dim, t.collaborative_window, collaborative.VERSION)
+    if io.exists(paths.collaborative_meta, storage):
+        meta = io.read_json(paths.collaborative_meta, storage)
+        if meta.get("fingerprint") == fingerprint and io.exists(paths.collaborative, storage):
+            log.info("collaborative: reusing %s", paths.collaborative)
+            return meta
+    io.remove(paths.collaborative_meta, storage)  # uncommit the old model before replacing it
+    task = ray.remote(num_cpus=t.opq_num_cpus, max_retries=2, runtime_env=shards.worker_env())(
+        collaborative.fit_remote)
+    parts = [io.join(paths.embeddings, shards.part_name(k)) for k in keys]
+    result = ray.get(task.remote(parts, cfg.dataset, storage, cfg.model.max_seq_len, t.collaborative_window,
+                                 t.collaborative_dim, t.collaborative_weight, cfg.seed))
+    if isinstance(result, RpgDistError):
+        raise result
+    io.write_bytes(paths.collaborative, result.model_bytes, storage)
+    meta = {"fingerprint": fingerprint, "digest": hashlib.sha256(result.model_bytes).hexdigest(),
+            "weight": t.collaborative_weight, "dim": t.collaborative_dim, "window": t.collaborative_window,
+            "n_warm_items": result.n_warm, "fit_seconds": result.seconds}
+    io.write_json(paths.collaborative_meta, meta, storage)
+    log.info("collaborative: %d items with training co-occurrence, fitted in %.1f s", result.n_warm, result.seconds)
+    timings["collaborative_seconds"] = result.seconds
+    return meta
 
 
 def embed_dataset(cfg: Config) -> tuple[list[shards.Shard], str, dict[str, Any]]:
@@ -162,14 +208,17 @@ def _embed(cfg: Config, paths: RunPaths, plan: list[shards.Shard], fingerprint: 
             "embed_peak_rss_mb": max((m["peak_rss_mb"] for m in manifests), default=0.0)}
 
 
-def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: int) -> dict[str, Any]:
-    """Train OPQ on one Ray task unless an index with the same fingerprint exists."""
+def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: int,
+           collab: dict[str, Any] | None) -> dict[str, Any]:
+    """Train OPQ on one Ray task unless an index with the same fingerprint exists; with ``collab``
+    (hybrid IDs) on the joint vectors, and the index records the collaborative model it needs."""
     import ray
 
     t, storage = cfg.tokenize, cfg.storage
     seq_fp = shards.input_fingerprint(dataset.sequences_uri(cfg.dataset), storage)
+    link = {"digest": collab["digest"], "weight": collab["weight"]} if collab else None
     fingerprint = shards.digest(embed_fp, seq_fp, cfg.seed, opq.factory_string(t), t.opq_niter,
-                                t.opq_sample_size, t.pca_sample_size)
+                                t.opq_sample_size, t.pca_sample_size, link)
     if io.exists(paths.opq_meta, storage) and io.exists(paths.opq_index, storage):
         if io.read_json(paths.opq_meta, storage).get("fingerprint") == fingerprint:
             log.info("opq: reusing %s", paths.opq_index)
@@ -180,12 +229,16 @@ def _train(cfg: Config, paths: RunPaths, keys: list[str], embed_fp: str, dim: in
     use_gpu = _cluster_gpus() > 0 and _driver_faiss_has_gpu()
     task = ray.remote(num_cpus=t.opq_num_cpus, num_gpus=1 if use_gpu else 0, max_retries=2,
                       runtime_env=shards.worker_env())(opq.train_remote)
-    log.info("opq: training %s on %d items (dim %d)", opq.factory_string(t), len(sample), dim)
-    result = ray.get(task.remote(parts, sample, t, cfg.seed, t.opq_threads, storage))
+    log.info("opq: training %s on %d items (dim %d%s)", opq.factory_string(t), len(sample), dim,
+             f" + collaborative {collab['dim']}, weight {collab['weight']}" if collab else "")
+    result = ray.get(task.remote(parts, sample, t, cfg.seed, t.opq_threads, storage,
+                                 (paths.collaborative, link["digest"]) if link else None))
     if isinstance(result, RpgDistError):
         raise result
+    # dim: the item vectors the index takes (text or precomputed); index_dim: after the hybrid join.
     save_index(paths, storage, result.index_bytes, {
-        "fingerprint": fingerprint, "factory": opq.factory_string(t), "dim": result.dim,
+        "fingerprint": fingerprint, "factory": opq.factory_string(t), "dim": dim, "index_dim": result.dim,
+        "collaborative": link,
         "n_sample": result.n_sample, "n_train_items_cap": t.opq_sample_size, "seed": cfg.seed,
         "encoder": _encoder_identity(t), "train_seconds": result.seconds, "threads": result.threads,
         "used_gpu": result.used_gpu, "node_id": result.node_id})
@@ -207,8 +260,10 @@ def encode_shards(cfg: Config, keys: list[str], only: set[str] | None = None) ->
     """
     init_ray(cfg.ray)
     t, storage, paths = cfg.tokenize, cfg.storage, RunPaths(cfg.run_dir)
-    index_digest = io.read_json(paths.opq_meta, storage)["index_digest"]
+    meta = io.read_json(paths.opq_meta, storage)
+    index_digest, link = meta["index_digest"], meta.get("collaborative")
     embedded = shards.committed(paths.embedding_manifests, storage)
+    # The index digest names the collaborative model too: the index is retrained whenever it changes.
     wanted = {k: shards.digest(index_digest, embedded[k][0]) for k in keys if only is None or k in only}
     owned = (lambda key: True) if only is None else (lambda key: key in only)
     done = set(shards.drop_stale(paths.code_manifests, wanted, storage, owned, part_dir=paths.codes))
@@ -217,7 +272,8 @@ def encode_shards(cfg: Config, keys: list[str], only: set[str] | None = None) ->
     log.info("encode: %d shards, %d committed, %d to run", len(wanted), len(done), len(pending))
     start = time.perf_counter()
     worker_kwargs = dict(index_uri=paths.opq_index, index_digest=index_digest, threads=t.actor_threads(), out_dir=paths.codes,
-                         manifest_dir=paths.code_manifests, storage=storage)
+                         manifest_dir=paths.code_manifests, storage=storage,
+                         collab=(paths.collaborative, link["digest"]) if link else None)
     tasks = [{"key": k, "part": io.join(paths.embeddings, shards.part_name(k)), "fingerprint": wanted[k]}
              for k in pending]
     pool = shards.PoolSpec(concurrency=t.concurrency, num_cpus=t.num_cpus_per_actor,
@@ -371,11 +427,11 @@ def _remove_unplanned_parts(folder: str, planned: set[str], owned, storage: Stor
                     fs.rm(name)
 
 
-def _check_dim(dim: int, t: TokenizeConfig) -> None:
+def _check_dim(dim: int, t: TokenizeConfig, what: str = "embedding dimension") -> None:
     if t.pca_dim > dim:
-        raise ConfigError(f"tokenize.pca_dim: {t.pca_dim} is larger than the embedding dimension {dim}")
+        raise ConfigError(f"tokenize.pca_dim: {t.pca_dim} is larger than the {what} {dim}")
     if (t.pca_dim or dim) % t.n_digit:
-        raise ConfigError(f"tokenize.n_digit: the embedding dimension {dim} is not divisible by "
+        raise ConfigError(f"tokenize.n_digit: the {what} {dim} is not divisible by "
                           f"n_digit ({t.n_digit}); set tokenize.pca_dim to a multiple of {t.n_digit}")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import Config, with_absolute_paths
 from rpg_dist.model.export import semantic_ids_fingerprint
-from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+from rpg_dist.tokenizer.semantic_ids import load_semantic_ids, require_semantic_ids
 from rpg_dist.train import windows
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ def train(cfg: Config) -> dict[str, Any]:
     Returns:
         Summary: epochs_run, steps, best_epoch, best_val_ndcg@10, wall_time_s, seq_per_s, ...
     """
+    # Before Ray, DeepSpeed or a process group start (~15 s of imports): a missing input is an error now.
+    require_semantic_ids(RunPaths(cfg.run_dir).semantic_ids, cfg.storage)
     if cfg.train.launcher == "ray":
         from rpg_dist.train.ray_launcher import run_ray
 
