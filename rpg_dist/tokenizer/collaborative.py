@@ -55,14 +55,6 @@ class CollaborativeModel:
     projection: np.ndarray
     weight: float
 
-    @property
-    def text_dim(self) -> int:
-        return self.projection.shape[0]
-
-    @property
-    def joint_dim(self) -> int:
-        return joint_dim(self.text_dim, self.vectors.shape[1], self.weight)
-
 
 def joint_dim(text_dim: int, collaborative_dim: int, weight: float) -> int:
     """Width of the joint vector: the text part is dropped at weight 1."""
