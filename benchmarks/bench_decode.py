@@ -5,8 +5,9 @@
     # 1M items on a random graph (no locality: the worst case for sharding)
     python benchmarks/bench_decode.py --items 1000000 --graph random
 
-Four decoders on the same start items, graph and log-probs (results are checked to be equal):
-- ``vectorised``: ``GraphDecoder`` in this process;
+Five decoders on the same start items, graph and log-probs (results are checked to be equal):
+- ``vectorised``: ``GraphDecoder`` in this process, its CPU default (the compiled ``beam_kernel``);
+- ``tensor``: ``GraphDecoder(kernel="torch")``, the batched-tensor formulation (the default off CPU);
 - ``sharded``: ``ShardedGraphDecoder``, one Ray actor per partition (``--shards``), coordinator here;
 - ``twin``: ``graph_decode_reference``, the plain-loop twin (Python sets, item-by-item scores);
 - ``paper_loop``: the paper's ``graph_propagation`` structure (a Python loop over queries, with
@@ -127,6 +128,10 @@ def run(args) -> dict:
         decoder = GraphDecoder(codes, nbrs, args.beams, args.steps)
         seconds, vec = timed(lambda: decoder.decode(log_probs, start), args.repeats)
         out["vectorised_qps"] = args.batch / seconds
+        tensor = GraphDecoder(codes, nbrs, args.beams, args.steps, kernel="torch")
+        seconds, ten = timed(lambda: tensor.decode(log_probs, start), args.repeats)
+        out["tensor_qps"] = args.batch / seconds
+        assert torch.equal(ten.items, vec.items) and torch.equal(ten.n_visited, vec.n_visited)
         sharded = ShardedGraphDecoder.from_arrays(codes.numpy(), neighbors, partition, args.beams, args.steps)
         seconds, shr = timed(lambda: sharded.decode(log_probs, start), args.repeats)
         out["sharded_qps"] = args.batch / seconds
@@ -143,6 +148,7 @@ def run(args) -> dict:
     out["paper_loop_qps"] = n / seconds
     out["speedup_vs_twin"] = out["vectorised_qps"] / out["twin_qps"]
     out["speedup_vs_paper_loop"] = out["vectorised_qps"] / out["paper_loop_qps"]
+    out["speedup_vs_tensor"] = out["vectorised_qps"] / out["tensor_qps"]
     out["n_visited_mean"] = float(vec.n_visited.float().mean())
     ray.shutdown()
     return out

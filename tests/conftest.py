@@ -23,8 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Crash points (rpg_dist/failpoints.py) armed by the fault tests; set before any Ray process starts
-# so that every worker inherits it.
-os.environ.setdefault("RPG_DIST_FAILPOINTS", tempfile.mkdtemp(prefix="rpg-failpoints-"))
+# so that every worker inherits it. Under pytest-xdist each test process gets its own folder: one
+# inherited from the controller would let a point armed by one test fire in another process's test.
+if os.environ.get("PYTEST_XDIST_WORKER") or "RPG_DIST_FAILPOINTS" not in os.environ:
+    os.environ["RPG_DIST_FAILPOINTS"] = tempfile.mkdtemp(prefix="rpg-failpoints-")
 
 
 def free_port() -> int:

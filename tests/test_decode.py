@@ -115,8 +115,8 @@ def _random_graph(n_items: int, n_edges: int, gen: torch.Generator) -> torch.Ten
     return neighbors
 
 
-def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k):
-    result = GraphDecoder(codes, neighbors, num_beams, steps).decode(log_probs, start, top_k)
+def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k, kernel="auto"):
+    result = GraphDecoder(codes, neighbors, num_beams, steps, kernel=kernel).decode(log_probs, start, top_k)
     beams, visited = graph_decode_reference(
         log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps
     )
@@ -134,9 +134,10 @@ def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, to
     steps=st.integers(0, 4),
     dyadic=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
+    kernel=st.sampled_from(["numba", "torch"]),
     data=st.data(),
 )
-def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, seed, data):
+def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, seed, kernel, data):
     gen = torch.Generator().manual_seed(seed)
     num_beams = data.draw(st.integers(1, n_items))
     top_k = data.draw(st.integers(1, num_beams))
@@ -145,10 +146,11 @@ def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, s
     log_probs = _log_probs(batch, n_digit, vocab, seed, dyadic)
     neighbors = _random_graph(n_items, n_edges, gen)
     start = random_start_items(batch, n_items, num_beams, gen)
-    _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k)
+    _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k, kernel)
 
 
-def test_graph_decode_larger_graph_equals_twin():
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_graph_decode_larger_graph_equals_twin(kernel):
     gen = torch.Generator().manual_seed(11)
     codes = torch.randint(0, 64, (3000, 16), generator=gen, dtype=torch.int16)
     # Distinct per row and never the row itself: row + 1 + (30 distinct offsets in [0, N-2]) mod N,
@@ -159,7 +161,7 @@ def test_graph_decode_larger_graph_equals_twin():
     neighbors = (torch.arange(3000).unsqueeze(1) + 1 + offsets) % 3000
     log_probs = _log_probs(16, 16, 64, seed=11)
     start = random_start_items(16, 3000, 20, gen)
-    _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10)
+    _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10, kernel)
 
 
 def test_graph_decode_finds_best_item_reachable_in_one_step():
@@ -176,9 +178,9 @@ def test_graph_decode_finds_best_item_reachable_in_one_step():
     assert result.n_visited.tolist() == [3, 3]
 
 
-@pytest.mark.parametrize("row_major", [False, True])
+@pytest.mark.parametrize(("kernel", "row_major"), [("torch", False), ("torch", True), ("numba", True)])
 @pytest.mark.parametrize("num_beams,n_edges,steps", [(20, 30, 3), (2, 5, 1)])
-def test_code_layouts_and_visited_counters_equal_twin(monkeypatch, row_major, num_beams, n_edges, steps):
+def test_code_layouts_and_visited_counters_equal_twin(monkeypatch, kernel, row_major, num_beams, n_edges, steps):
     # (2, 5, 1) visits ~14 of 3000 items: the sort-based counter; (20, 30, 3) the bitmap.
     import rpg_dist.decode.graph_decode as graph_decode
 
@@ -189,9 +191,12 @@ def test_code_layouts_and_visited_counters_equal_twin(monkeypatch, row_major, nu
     neighbors = (torch.arange(3000).unsqueeze(1) + 1 + offsets) % 3000
     log_probs = _log_probs(24, 16, 64, seed=12)
     start = random_start_items(24, 3000, num_beams, gen)
-    decoder = GraphDecoder(codes, neighbors, num_beams, steps, chunk_size=5, threads=2)
+    decoder = GraphDecoder(codes, neighbors, num_beams, steps, chunk_size=5, threads=2, kernel=kernel)
     assert decoder.row_major == row_major
     result = decoder.decode(log_probs, start)
+    # Decoding again reuses the kernel's workspaces (stamps, cached scores): the same answer.
+    again = decoder.decode(log_probs, start)
+    assert torch.equal(again.items, result.items) and torch.equal(again.n_visited, result.n_visited)
     beams, visited = graph_decode_reference(log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps)
     assert result.items.tolist() == beams and result.n_visited.tolist() == visited
 
@@ -208,3 +213,22 @@ def test_history_starts_are_the_history_then_its_neighbours_then_fallback():
     assert got.tolist() == [[2, 3, 4, 0], [6, 5, 4, 1], [0, 1, 2, 6]]
     with pytest.raises(ValueError, match="fewer than 9 distinct"):
         history_start_items(items, lengths, neighbors, fallback, n_beams=9)
+
+
+def test_kernel_stamps_restart_before_the_int32_range_runs_out():
+    gen = torch.Generator().manual_seed(13)
+    codes = torch.randint(0, 64, (500, 8), generator=gen, dtype=torch.int16)
+    offsets = torch.randperm(499, generator=gen)[:12]
+    neighbors = (torch.arange(500).unsqueeze(1) + 1 + offsets) % 500
+    log_probs = _log_probs(6, 8, 64, seed=13)
+    start = random_start_items(6, 500, 5, gen)
+    decoder = GraphDecoder(codes, neighbors, 5, 2, threads=1, kernel="numba")
+    first = decoder.decode(log_probs, start)
+    workspace = decoder._workspaces.get()
+    workspace.next_stamp = np.iinfo(np.int32).max - 10  # the next chunk needs 6 x 4 stamps: a restart
+    decoder._workspaces.put(workspace)
+    second = decoder.decode(log_probs, start)
+    assert workspace.next_stamp == 1 + 6 * 4
+    assert torch.equal(second.items, first.items) and torch.equal(second.n_visited, first.n_visited)
+    beams, visited = graph_decode_reference(log_probs, codes, neighbors.tolist(), start.tolist(), 5, 2)
+    assert second.items.tolist() == beams and second.n_visited.tolist() == visited

@@ -7,19 +7,19 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rpg_dist import io
+from rpg_dist import failpoints, io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import config_from_dict
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.errors import DataError, StageError
-from rpg_dist.graph.builder import build_item_graph
+from rpg_dist.graph.builder import build_item_graph, stream_item_graph
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import balanced_assign, cross_fraction, neighbor_counts
 from rpg_dist.decode.scoring import offset_codes
 from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, pair_sums, query_tables
 from rpg_dist.graph.stage import build_graph
-from rpg_dist.graph.store import load_graph, read_manifest
+from rpg_dist.graph.store import commit_graph, load_graph, read_manifest
 from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.graph.token_blocks import plan_token_blocks, token_block_neighbors
 from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
@@ -169,6 +169,60 @@ def test_build_graph_stage_writes_and_loads(tmp_path, ray_local):
     table_on_disk = io.read_parquet(io.join(RunPaths(run_dir).graph, manifest["files"]["0"][0]))
     assert table_on_disk.schema.field("neighbors").type == pa.list_(pa.int64())
     assert set(table_on_disk.column("item_id").to_numpy()) <= set(item_ids)
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+def test_streamed_build_writes_what_the_in_memory_build_computes(mode, tmp_path):
+    """Workers write their tasks' parts; the driver never holds the lists, and loads back the same graph."""
+    run_dir = str(tmp_path / "run")
+    item_ids, codes = _tiny_run(run_dir, n_items=500)
+    table = random_token_table(8, 256, 16, seed=9)
+    cfg = GraphConfig(mode=mode, n_edges=15, block_size=64, n_partitions=3, approx_token_groups=64,
+                      recall_sample=100, local_max_items=10**9)
+    streamed = stream_item_graph(table, torch.from_numpy(codes), cfg, RunPaths(run_dir).graph, item_ids, seed=0)
+    commit_graph(run_dir, {"n_edges": 15, **streamed.info}, streamed.stats, streamed.files, streamed.digests)
+    graph = load_graph(run_dir, ItemIndex(item_ids))
+    in_memory = build_item_graph(table, torch.from_numpy(codes), cfg, seed=0)
+    assert np.array_equal(graph.neighbors, in_memory.neighbors)
+    if mode == "exact":
+        assert np.array_equal(graph.neighbors, dense_neighbors(digit_similarity_tables(table), torch.from_numpy(codes), 15))
+    else:
+        assert streamed.stats["recall@15"] == in_memory.stats["recall@15"] and streamed.stats["recall@15"] > 0.5
+    # Partitions come from the codes alone (k-means, balanced): 500 rows over 3 tasks-sized groups.
+    assert "streamed build" in streamed.info["partition_method"]
+    assert np.bincount(graph.partition).max() <= 167 and set(streamed.files) == {"0", "1", "2"}
+    for part, names in streamed.files.items():
+        assert (load_graph(run_dir, ItemIndex(item_ids), partition=int(part)).partition == int(part)).all() and names
+    assert streamed.info["cross_partition_edge_fraction"] == pytest.approx(cross_fraction(graph.partition, graph.neighbors))
+    degree = (graph.neighbors >= 0).sum(axis=1)
+    assert streamed.stats["degree_min"] == degree.min() and streamed.stats["degree_mean"] == pytest.approx(degree.mean())
+
+
+def test_build_graph_stage_streams_on_ray_actors_and_a_dead_worker_keeps_the_graph(tmp_path, ray_local):
+    run_dir = str(tmp_path / "run")
+    item_ids, codes = _tiny_run(run_dir, n_items=400)
+    table = random_token_table(8, 256, 16, seed=10)
+    index = ItemIndex(item_ids)
+    config = {"dataset": "unused", "run_dir": run_dir,
+              "graph": {"n_edges": 10, "n_partitions": 2, "block_size": 64, "local_max_items": 0,
+                        "stream_min_items": 0}}
+    first = build_graph(config_from_dict(config), token_embeddings=table)
+    assert first["workers"] == "2 Ray actors" and "streamed build" in first["partition_method"]
+    before = load_graph(run_dir, index)
+    assert np.array_equal(before.neighbors, dense_neighbors(digit_similarity_tables(table), torch.from_numpy(codes), 10))
+    # A rebuild whose worker dies after writing its first part: the driver fails, the graph is the old one.
+    config["graph"]["n_edges"] = 12
+    failpoints.arm("graph-part-written")
+    with pytest.raises(Exception, match="(?i)actor"):
+        build_graph(config_from_dict(config), token_embeddings=table)
+    assert failpoints.fired("graph-part-written")
+    assert read_manifest(run_dir) == first
+    assert np.array_equal(load_graph(run_dir, index).neighbors, before.neighbors)
+    # The next build commits and sweeps every part it does not list (the old graph's, the dead build's).
+    second = build_graph(config_from_dict(config), token_embeddings=table)
+    listed = {name for names in second["files"].values() for name in names}
+    on_disk = {uri.rsplit("/", 1)[-1] for uri in io.list_files(RunPaths(run_dir).graph, ".parquet")}
+    assert on_disk == listed and load_graph(run_dir, index).neighbors.shape == (400, 12)
 
 
 def test_build_graph_on_s3(s3_bucket, ray_local):

@@ -19,11 +19,14 @@ loop is over the ``q`` steps (and over the m digits inside scoring).
 
 from __future__ import annotations
 
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from rpg_dist.decode import beam_kernel
 from rpg_dist.decode.scoring import candidate_scores
 from rpg_dist.decode.topk import MIN_KEY, key_rows, key_scores, ranking_keys
 
@@ -120,13 +123,18 @@ def first_distinct(pool: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class GraphDecoder:
-    """Vectorised graph-constrained decoding over an in-memory graph.
+    """Graph-constrained decoding over an in-memory graph.
 
-    Queries are processed in chunks of ``chunk_size``; within a chunk every operation is batched
-    over its queries and candidates. Chunk tensors ((chunk, b + b*k), ~500 KB at chunk 16, b 20,
-    k 200) stay in cache; ``threads`` chunks run at once on a thread pool with torch's intra-op
-    parallelism set to 1 meanwhile (torch releases the GIL inside its ops). Large multi-threaded
-    ops were measured to slow down 10-30x when other processes share the cores; this does not.
+    Queries are processed in chunks of ``chunk_size``; ``threads`` chunks run at once on a thread
+    pool. Two formulations, with bit-identical results:
+
+    - ``kernel="numba"`` (CPU tensors, the default there): ``beam_kernel`` decodes a chunk in one
+      compiled pass, each (query, item) scored once, candidates streamed through a top-b (it
+      releases the GIL);
+    - ``kernel="torch"`` (any device, the default off CPU): every operation batched over a chunk's
+      queries and candidates, (chunk, b + b*k) tensors (~500 KB at chunk 16, b 20, k 200), torch's
+      intra-op parallelism set to 1 meanwhile (large multi-threaded ops were measured to slow down
+      10-30x when other processes share the cores).
 
     Args:
         codes: (N, m) item codes (int16 is fine).
@@ -136,6 +144,7 @@ class GraphDecoder:
         steps: q, expansion steps.
         chunk_size: queries decoded together.
         threads: chunks decoded concurrently (default: torch's intra-op thread count).
+        kernel: "auto" (numba on CPU, else torch), "numba" or "torch".
     """
 
     def __init__(
@@ -146,17 +155,25 @@ class GraphDecoder:
         steps: int,
         chunk_size: int = 16,
         threads: int | None = None,
+        kernel: str = "auto",
     ) -> None:
         if neighbors.shape[0] != codes.shape[0]:
             raise ValueError(f"neighbors has {neighbors.shape[0]} rows but codes {codes.shape[0]}")
+        if kernel not in ("auto", "numba", "torch"):
+            raise ValueError(f"kernel={kernel!r}: expected 'auto', 'numba' or 'torch'")
         self.n_items = codes.shape[0]
-        # Small catalogues: digit-major codes, so digit k's lookups hit one (N,) int16 column that
-        # stays in cache (24 KB for Beauty). Large ones: item-major rows, so a candidate's m codes
-        # cost one memory access (one 64-byte line at m = 32) instead of m scattered ones.
-        self.row_major = codes.shape[0] > ROW_MAJOR_ABOVE
+        self.kernel = kernel if kernel != "auto" else ("numba" if codes.device.type == "cpu" else "torch")
+        # Small catalogues (torch kernel): digit-major codes, so digit k's lookups hit one (N,) int16
+        # column that stays in cache (24 KB for Beauty). Large ones and the numba kernel: item-major
+        # rows, so a candidate's m codes cost one memory access (a 64-byte line at m = 32).
+        self.row_major = self.kernel == "numba" or codes.shape[0] > ROW_MAJOR_ABOVE
         codes = codes.to(torch.int16)
         self.codes = codes.contiguous() if self.row_major else codes.t().contiguous()  # (N, m) or (m, N)
         self.neighbors = neighbors
+        if self.kernel == "numba":
+            self._np_codes = self.codes.numpy()
+            self._np_neighbors = np.ascontiguousarray(neighbors.numpy(), dtype=np.int32)
+            self._workspaces: queue.SimpleQueue = queue.SimpleQueue()  # one per running chunk, reused
         self.num_beams = num_beams
         self.steps = steps
         self.chunk_size = chunk_size
@@ -182,8 +199,12 @@ class GraphDecoder:
         flat = log_probs.reshape(log_probs.shape[0], -1)  # (B, m*V)
         bounds = [(lo, lo + self.chunk_size) for lo in range(0, start.shape[0], self.chunk_size)]
 
+        decode_chunk = self._kernel_chunk if self.kernel == "numba" else self._decode_chunk
+        if self.kernel == "numba":
+            flat = flat.detach().to(torch.float32).contiguous()
+
         def run(bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._decode_chunk(flat[bound[0] : bound[1]], start[bound[0] : bound[1]].long())
+            return decode_chunk(flat[bound[0] : bound[1]], start[bound[0] : bound[1]].long())
 
         if self.threads > 1 and len(bounds) > 1:
             # Parallel over chunks, not inside ops: every op runs single-threaded on its pool thread.
@@ -198,6 +219,19 @@ class GraphDecoder:
             chunks = [run(b) for b in bounds]
         top = torch.cat([keys[:, :top_k] for keys, _ in chunks])
         return DecodeResult(key_rows(top), key_scores(top), torch.cat([visited for _, visited in chunks]))
+
+    def _kernel_chunk(self, log_probs: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_decode_chunk`` through ``beam_kernel``: same inputs, same (bit-identical) outputs."""
+        try:
+            workspace = self._workspaces.get_nowait()
+        except queue.Empty:
+            workspace = beam_kernel.Workspace(self.n_items)
+        try:
+            keys, visited = beam_kernel.decode_chunk(log_probs.numpy(), self._np_codes, self._np_neighbors,
+                                                     start.contiguous().numpy(), self.steps, workspace)
+        finally:
+            self._workspaces.put(workspace)
+        return torch.from_numpy(keys), torch.from_numpy(visited)
 
     def _decode_chunk(self, log_probs: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c, m*V) log-probs and (c, b) start rows -> (c, b) beam keys and (c,) visited counts."""

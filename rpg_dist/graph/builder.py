@@ -5,7 +5,15 @@ lists). Catalogues up to ``local_max_items`` run on a thread pool in this proces
 release the GIL); larger ones on an ``ActorPool`` of ``GraphWorker`` actors, each holding the
 (m, V, V) digit tables and the (N, m) int16 codes (~64 bytes per item), plus in approximate mode a
 copy of the faiss index. Both paths run the same ``GraphWorker`` methods, so they return the same
-lists. The driver then partitions the graph and measures the approximate mode's recall on a sample.
+lists.
+
+``build_item_graph`` returns the lists to this process, then partitions the graph (balanced k-means,
+refined by label propagation on the lists). ``stream_item_graph`` (the stage, for catalogues above
+``stream_min_items``) partitions first from the codes alone, and every worker writes
+the parts of its own tasks as they finish (``PartWriter``): no process ever holds the whole graph,
+only the driver's (N,) partition array and each task's lists. Label propagation needs the whole
+graph, so streamed partitions are k-means partitions. Both measure the approximate mode's recall on
+a sample of items.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from rpg_dist.graph.approx import ItemReducer, approx_neighbors, build_index, iv
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist.graph.partition import cross_fraction, kmeans_partition, refine_partition
+from rpg_dist.graph.store import new_build_tag, part_name, write_part
 from rpg_dist.graph.similarity import digit_similarity_tables
 from rpg_dist.graph.token_blocks import default_groups, pairs_per_item, plan_token_blocks, token_block_neighbors
 
@@ -45,6 +54,50 @@ class BuiltGraph:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class StreamedGraph:
+    """What ``stream_item_graph`` wrote: the parts of each partition, their digests, manifest info and stats."""
+
+    files: dict[str, list[str]]
+    digests: dict[str, str]
+    info: dict[str, Any]
+    stats: dict[str, Any]
+
+
+class PartWriter:
+    """Worker side of a streamed build: a task's lists become one part file per partition among its rows.
+
+    Args:
+        graph_dir: the run's graph folder.
+        item_ids: (N,) int64 item id of each dense row.
+        partition: (N,) int32 partition of each row, fixed before any list is computed.
+        sample: sorted rows whose lists are sent back for the recall check.
+    """
+
+    def __init__(self, graph_dir: str, item_ids: np.ndarray, partition: np.ndarray, sample: np.ndarray,
+                 storage: Any = None) -> None:
+        self.graph_dir, self.storage, self.tag = graph_dir, storage, new_build_tag()
+        self.item_ids, self.partition, self.sample = item_ids, partition, sample
+
+    def write(self, task: int, rows: np.ndarray, lists: np.ndarray) -> dict[str, Any]:
+        """Write part ``part-P-task`` for each partition P of ``rows``; returns what the driver merges."""
+        owner = self.partition[rows]
+        report: dict[str, Any] = {"files": {}, "digests": {}, "rows": len(rows)}
+        for part in np.unique(owner).tolist():
+            mine = owner == part
+            name = part_name(part, task, self.tag)
+            report["digests"][name] = write_part(self.graph_dir, name, self.item_ids, rows[mine], lists[mine], part,
+                                                 self.storage)
+            report["files"][part] = name
+        valid = lists >= 0  # (r, k)
+        degree = valid.sum(axis=1)
+        report.update(degree_min=int(degree.min()) if len(degree) else 0, degree_sum=int(degree.sum()),
+                      cross_edges=int((self.partition[lists[valid]] != np.repeat(owner, degree)).sum()))
+        sampled = np.isin(rows, self.sample)
+        report["sample_rows"], report["sample_lists"] = rows[sampled], lists[sampled]
+        return report
+
+
 class GraphWorker:
     """Neighbour lists for blocks of items, exact or approximate (a Ray actor, or in-process).
 
@@ -53,7 +106,8 @@ class GraphWorker:
     """
 
     def __init__(self, tables: np.ndarray, codes: np.ndarray, n_edges: int, item_chunk: int,
-                 query_block: int, threads: int, approx: dict[str, Any] | None = None) -> None:
+                 query_block: int, threads: int, approx: dict[str, Any] | None = None,
+                 writer: PartWriter | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.tables = torch.from_numpy(np.array(tables))  # (m, V, V), writable copy
@@ -62,21 +116,27 @@ class GraphWorker:
         self.item_chunk = item_chunk
         self.query_block = query_block
         self.approx = approx or {}
+        self.writer = writer
         if self.approx.get("method") == "faiss_index":
             import faiss
 
             faiss.omp_set_num_threads(threads)
             self.index = faiss.deserialize_index(self.approx["index"])
 
-    def token_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """token_blocks: neighbours of rows [lo, hi) over their shared-token blocks."""
-        rows = np.arange(lo, hi)
+    def stream(self, method: str, args: tuple, task: int) -> dict[str, Any]:
+        """Run ``method(*args)`` and write its lists as this task's parts (``PartWriter.write``)."""
+        rows, lists = getattr(self, method)(*args)
+        return self.writer.write(task, rows, lists)
+
+    def token_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """token_blocks: neighbours of ``rows`` over their shared-token blocks."""
+        rows = np.asarray(rows, np.int64)
         found = token_block_neighbors(self.tables, self.codes, self.approx["blocks"], rows, self.n_edges)
         return rows, found.to(torch.int32).numpy()
 
-    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Neighbours of rows [lo, hi): (rows, (hi-lo, k) int32), exact or via the faiss index."""
-        rows = torch.arange(lo, hi)
+    def block(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours of ``rows``: (rows, (len(rows), k) int32), exact or via the faiss index."""
+        rows = torch.from_numpy(np.asarray(rows, np.int64))
         if self.approx.get("method") == "faiss_index":
             found = approx_neighbors(self.index, self.approx["reducer"], self.tables, self.codes, rows,
                                      self.n_edges, self.approx["n_candidates"])
@@ -98,8 +158,58 @@ class GraphWorker:
         return found.to(torch.int32).numpy()
 
 
+@dataclass
+class _Setup:
+    """What both builds share: the tables, the codes, the resolved mode and the approximate method."""
+
+    tables: torch.Tensor  # (m, V, V)
+    codes16: torch.Tensor  # (N, m) int16
+    n_edges: int
+    mode: str
+    approx: dict[str, Any] | None
+    info: dict[str, Any]
+    timings: dict[str, float]
+    local: bool
+
+
+def _setup(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, seed: int) -> _Setup:
+    n_items = codes.shape[0]
+    clock = time.perf_counter()
+    tables = digit_similarity_tables(token_embeddings)  # (m, V, V)
+    mode = cfg.resolved_mode(n_items)
+    n_edges = min(cfg.n_edges, max(n_items - 1, 1))
+    approx, info, timings = None, {}, {}
+    if mode == "approx":
+        approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
+        timings["approx_index_s"] = time.perf_counter() - clock
+        info = _describe(approx, cfg)
+    local = n_items <= cfg.local_max_items
+    return _Setup(tables, codes.to(torch.int16).contiguous(), n_edges, mode, approx, info, timings, local)
+
+
+def _workers(setup: _Setup, cfg: GraphConfig, writer: PartWriter | None = None):
+    cls = _LocalWorkers if setup.local else _RayWorkers
+    return cls(setup.tables, setup.codes16, setup.n_edges, cfg, setup.approx, writer)
+
+
+def _info(setup: _Setup, cfg: GraphConfig, partition: np.ndarray, method: str, cross: float) -> dict[str, Any]:
+    n_items = len(partition)
+    return {
+        "n_items": n_items,
+        "n_edges": setup.n_edges,
+        "mode": setup.mode,
+        "workers": "in-process threads" if setup.local else f"{cfg.num_actors} Ray actors",
+        "n_partitions": int(partition.max()) + 1 if n_items else 0,
+        "partition_method": method,
+        "partition_sizes": np.bincount(partition, minlength=cfg.n_partitions).tolist(),
+        "cross_partition_edge_fraction": cross,
+        **setup.info,
+        "timings_s": setup.timings,
+    }
+
+
 def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, seed: int = 0) -> BuiltGraph:
-    """Build, partition and (approximate mode) recall-check the kNN graph.
+    """Build, partition and (approximate mode) recall-check the kNN graph, lists returned in memory.
 
     Ray must be initialised when the catalogue exceeds ``cfg.local_max_items``.
 
@@ -110,48 +220,95 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         seed: seeds the reduction sample, index training, k-means and the recall sample.
     """
     n_items = codes.shape[0]
-    n_edges = min(cfg.n_edges, max(n_items - 1, 1))
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    tables = digit_similarity_tables(token_embeddings)  # (m, V, V)
-    codes16 = codes.to(torch.int16).contiguous()  # (N, m)
-    approx = None
-    approx_info = {}
-    mode = cfg.resolved_mode(n_items)
-    if mode == "approx":
-        approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
-        timings["approx_index_s"] = time.perf_counter() - clock
-        approx_info = _describe(approx, cfg)
-    local = n_items <= cfg.local_max_items
-    workers = _LocalWorkers(tables, codes16, n_edges, cfg, approx) if local else _RayWorkers(tables, codes16, n_edges, cfg, approx)
+    setup = _setup(token_embeddings, codes, cfg, seed)
+    workers = _workers(setup, cfg)
     try:
         clock = time.perf_counter()
-        tasks = _tasks(n_items, cfg.block_size, approx, cfg.num_actors if not local else workers.threads)
-        neighbors = _collect(workers.run(tasks), n_items, n_edges)
-        timings["neighbors_s"] = time.perf_counter() - clock
+        tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, _n_workers(setup, cfg, workers))
+        neighbors = _collect(workers.run(tasks), n_items, setup.n_edges)
+        setup.timings["neighbors_s"] = time.perf_counter() - clock
         stats = {}
-        if mode == "approx" and cfg.recall_sample:
+        if setup.mode == "approx" and cfg.recall_sample:
             clock = time.perf_counter()
-            stats = _recall(workers, neighbors, cfg.recall_sample, seed)
-            timings["recall_s"] = time.perf_counter() - clock
+            sample = _recall_sample(n_items, cfg.recall_sample, seed)
+            stats = _recall_stats(neighbors[sample], workers.exact(sample))
+            setup.timings["recall_s"] = time.perf_counter() - clock
     finally:
         workers.close()
     clock = time.perf_counter()
     partition, method = _partition(token_embeddings, codes, neighbors, cfg, seed)
-    timings["partition_s"] = time.perf_counter() - clock
-    info = {
-        "n_items": n_items,
-        "n_edges": n_edges,
-        "mode": mode,
-        "workers": "in-process threads" if local else f"{cfg.num_actors} Ray actors",
-        "n_partitions": int(partition.max()) + 1 if n_items else 0,
-        "partition_method": method,
-        "partition_sizes": np.bincount(partition, minlength=cfg.n_partitions).tolist(),
-        "cross_partition_edge_fraction": cross_fraction(partition, neighbors),
-        **approx_info,
-        "timings_s": timings,
-    }
+    setup.timings["partition_s"] = time.perf_counter() - clock
+    info = _info(setup, cfg, partition, method, cross_fraction(partition, neighbors))
+    degree = (neighbors >= 0).sum(axis=1)
+    stats.update(degree_min=int(degree.min()) if n_items else 0, degree_mean=float(degree.mean()) if n_items else 0.0)
     return BuiltGraph(neighbors=neighbors, partition=partition, info=info, stats=stats)
+
+
+def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, graph_dir: str,
+                      item_ids: np.ndarray, storage: Any = None, seed: int = 0) -> StreamedGraph:
+    """Partition, then build with every worker writing its tasks' parts under ``graph_dir`` as they finish.
+
+    Commit the result with ``store.commit_graph``; until then the run's current graph is untouched.
+    Memory here: the (N,) partition and the recall sample's lists; never the (N, k) lists.
+
+    Args:
+        item_ids: (N,) int64 item id of each dense row (part files hold ids, not rows).
+        Others as ``build_item_graph``.
+    """
+    n_items = codes.shape[0]
+    setup = _setup(token_embeddings, codes, cfg, seed)
+    clock = time.perf_counter()
+    partition, method = _partition(token_embeddings, codes, None, cfg, seed)
+    setup.timings["partition_s"] = time.perf_counter() - clock
+    sample = _recall_sample(n_items, cfg.recall_sample, seed) if setup.mode == "approx" else np.empty(0, np.int64)
+    writer = PartWriter(graph_dir, np.asarray(item_ids, np.int64), partition, sample, storage)
+    workers = _workers(setup, cfg, writer)
+    try:
+        clock = time.perf_counter()
+        # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
+        order = np.argsort(partition, kind="stable")
+        tasks = _tasks(order, cfg.block_size, setup.approx, _n_workers(setup, cfg, workers))
+        streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
+        merged = _merge_reports(workers.run(streamed), n_items)
+        setup.timings["neighbors_s"] = time.perf_counter() - clock
+        stats = {}
+        if len(sample):
+            clock = time.perf_counter()
+            found = np.full((len(sample), setup.n_edges), -1, np.int32)
+            found[np.searchsorted(sample, merged["sample_rows"])] = merged["sample_lists"]
+            stats = _recall_stats(found, workers.exact(sample))
+            setup.timings["recall_s"] = time.perf_counter() - clock
+    finally:
+        workers.close()
+    info = _info(setup, cfg, partition, method, merged["cross_edges"] / max(merged["degree_sum"], 1))
+    stats.update(degree_min=merged["degree_min"], degree_mean=merged["degree_sum"] / max(n_items, 1))
+    return StreamedGraph(files=merged["files"], digests=merged["digests"], info=info, stats=stats)
+
+
+def _merge_reports(reports: Iterator[dict[str, Any]], n_items: int) -> dict[str, Any]:
+    """Every task's ``PartWriter.write`` report into the manifest's files and the graph's counts."""
+    files: dict[str, list[str]] = {}
+    merged: dict[str, Any] = {"digests": {}, "degree_min": None, "degree_sum": 0, "cross_edges": 0}
+    sample_rows, sample_lists, done = [], [], 0
+    for report in reports:
+        for part, name in report["files"].items():
+            files.setdefault(str(part), []).append(name)
+        merged["digests"].update(report["digests"])
+        if report["rows"]:
+            low = report["degree_min"]
+            merged["degree_min"] = low if merged["degree_min"] is None else min(merged["degree_min"], low)
+        merged["degree_sum"] += report["degree_sum"]
+        merged["cross_edges"] += report["cross_edges"]
+        sample_rows.append(report["sample_rows"])
+        sample_lists.append(report["sample_lists"])
+        done += report["rows"]
+        if done * 10 // n_items > (done - report["rows"]) * 10 // n_items:
+            log.info("graph: %d/%d items written", done, n_items)
+    merged["files"] = {part: sorted(names) for part, names in sorted(files.items(), key=lambda kv: int(kv[0]))}
+    merged["degree_min"] = merged["degree_min"] or 0
+    merged["sample_rows"] = np.concatenate(sample_rows) if sample_rows else np.empty(0, np.int64)
+    merged["sample_lists"] = np.concatenate(sample_lists) if sample_lists else np.empty((0, 0), np.int32)
+    return merged
 
 
 def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, seed: int) -> dict[str, Any]:
@@ -199,9 +356,10 @@ def _describe(approx: dict[str, Any], cfg: GraphConfig) -> dict[str, Any]:
 class _LocalWorkers:
     """One ``GraphWorker`` in this process; tasks on a thread pool, each op single-threaded."""
 
-    def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx) -> None:
+    def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx, writer: PartWriter | None) -> None:
         self.threads = cfg.local_threads or torch.get_num_threads()
-        self.worker = GraphWorker(tables.numpy(), codes.numpy(), n_edges, cfg.item_chunk, cfg.block_size, 0, approx)
+        self.worker = GraphWorker(tables.numpy(), codes.numpy(), n_edges, cfg.item_chunk, cfg.block_size, 0, approx,
+                                  writer)
 
     def run(self, tasks: list[tuple[str, tuple]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         saved = torch.get_num_threads()
@@ -223,14 +381,16 @@ class _LocalWorkers:
 class _RayWorkers:
     """``GraphWorker`` actors behind an ``ActorPool``; shared inputs go to the object store once."""
 
-    def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx) -> None:
+    def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx, writer: PartWriter | None) -> None:
         import ray
 
         remote = ray.remote(GraphWorker).options(num_cpus=cfg.num_cpus_per_actor)
         tables_ref, codes_ref = ray.put(tables.numpy()), ray.put(codes.numpy())
         approx_ref = ray.put(approx) if approx is not None else None
+        writer_ref = ray.put(writer) if writer is not None else None
         self.actors = [
-            remote.remote(tables_ref, codes_ref, n_edges, cfg.item_chunk, cfg.block_size, cfg.threads_per_actor, approx_ref)
+            remote.remote(tables_ref, codes_ref, n_edges, cfg.item_chunk, cfg.block_size, cfg.threads_per_actor,
+                          approx_ref, writer_ref)
             for _ in range(cfg.num_actors)
         ]
 
@@ -252,15 +412,21 @@ class _RayWorkers:
             ray.kill(actor)
 
 
-def _tasks(n_items: int, block_size: int, approx, workers: int) -> list[tuple[str, tuple]]:
-    """(method name, arguments) per task: row ranges, or groups of whole IVF lists of ~block_size items."""
+def _n_workers(setup: _Setup, cfg: GraphConfig, workers) -> int:
+    return workers.threads if setup.local else cfg.num_actors
+
+
+def _tasks(order: np.ndarray, block_size: int, approx, workers: int) -> list[tuple[str, tuple]]:
+    """(method name, arguments) per task: consecutive slices of ``order`` (rows), or groups of whole
+    IVF lists of ~block_size items."""
+    n_items = len(order)
     if approx is not None and approx["method"] == "token_blocks":
         # Large tasks, so that each token group holds many of a task's queries (they share the
         # group's block), but at least TASKS_PER_WORKER per worker to keep the workers balanced.
         size = int(np.clip(-(-n_items // (TASKS_PER_WORKER * workers)), block_size, block_size * TOKEN_TASK_BLOCKS))
-        return [("token_rows", (lo, min(lo + size, n_items))) for lo in range(0, n_items, size)]
+        return [("token_rows", (order[lo : lo + size],)) for lo in range(0, n_items, size)]
     if approx is None or approx["method"] == "faiss_index":
-        return [("block", (lo, min(lo + block_size, n_items))) for lo in range(0, n_items, block_size)]
+        return [("block", (order[lo : lo + block_size],)) for lo in range(0, n_items, block_size)]
     sizes = np.diff(approx["plan"].offsets)
     tasks, group, filled = [], [], 0
     for list_id, size in enumerate(sizes.tolist()):
@@ -286,30 +452,35 @@ def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], n_items: int, n_e
     return neighbors
 
 
-def _recall(workers, neighbors: np.ndarray, sample_size: int, seed: int) -> dict[str, Any]:
-    """Recall of the approximate lists against exact ones on a random sample of items."""
+def _recall_sample(n_items: int, sample_size: int, seed: int) -> np.ndarray:
+    """Sorted rows whose approximate lists are checked against exact ones."""
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(neighbors), min(sample_size, len(neighbors)), replace=False))
-    exact = workers.exact(sample)
-    approx = neighbors[sample]
+    return np.sort(rng.choice(n_items, min(sample_size, n_items), replace=False))
+
+
+def _recall_stats(approx: np.ndarray, exact: np.ndarray) -> dict[str, Any]:
+    """Recall of (S, k) approximate lists against the exact (S, k) lists of the same items."""
     hits = (approx[:, :, None] == exact[:, None, :]) & (exact[:, None, :] >= 0)
     per_item = hits.any(axis=1).sum(axis=1) / np.maximum((exact >= 0).sum(axis=1), 1)
     return {
-        "recall_sample": int(len(sample)),
-        f"recall@{neighbors.shape[1]}": float(per_item.mean()),
+        "recall_sample": int(len(approx)),
+        f"recall@{approx.shape[1]}": float(per_item.mean()),
         "recall_min": float(per_item.min()),
         "recall_p10": float(np.quantile(per_item, 0.1)),
         "top1_agreement": float((approx[:, 0] == exact[:, 0]).mean()),
     }
 
 
-def _partition(token_embeddings, codes, neighbors: np.ndarray, cfg: GraphConfig, seed: int) -> tuple[np.ndarray, str]:
+def _partition(token_embeddings, codes, neighbors: np.ndarray | None, cfg: GraphConfig, seed: int) -> tuple[np.ndarray, str]:
+    """Balanced k-means partitions, refined on the graph when its lists are here (``neighbors``)."""
     n_parts = min(cfg.n_partitions, codes.shape[0])
     reducer = ItemReducer(token_embeddings, codes, cfg.partition_dim, min(cfg.approx_fit_sample, 4096), seed)
     vectors = np.concatenate([reducer.project(codes[lo : lo + 65_536]) for lo in range(0, codes.shape[0], 65_536)])
     partition = kmeans_partition(vectors, n_parts, seed)
     method = f"balanced k-means (faiss, {n_parts} centroids) of {reducer.dim}-d reduced item vectors"
-    if cfg.refine_rounds and n_parts > 1:
+    if neighbors is None:
+        method += " (streamed build: no label propagation, which needs the whole graph)"
+    elif cfg.refine_rounds and n_parts > 1:
         partition = refine_partition(partition, neighbors, n_parts, cfg.refine_rounds)
         method += f", then up to {cfg.refine_rounds} rounds of balanced label propagation on the graph"
     return partition, method

@@ -21,8 +21,14 @@ class GraphConfig:
     # Items scored per merge step inside a block.
     item_chunk: int = 16_384
     # Catalogues up to this size are built on a thread pool in this process (no actors to start,
-    # nothing to ship: 12k items take well under a second); larger ones on Ray actors.
+    # nothing to ship: 12k items take well under a second), partitions refined on the whole graph;
+    # larger ones on Ray actors.
     local_max_items: int = 200_000
+    # Above this size the Ray actors write their own parts as they finish: build-graph never holds
+    # the (N, n_edges) lists in one process, but partitions are then k-means partitions of the codes,
+    # without label propagation on the graph (at 1M realistic items 45 % of edges cross partitions
+    # against 2-26 % refined: BENCHMARKS.md); below it the lists come back and partitions are refined.
+    stream_min_items: int = 4_000_000
     # Threads of the in-process build (0: torch's intra-op thread count).
     local_threads: int = 0
     num_actors: int = 2
@@ -80,7 +86,7 @@ class GraphConfig:
                 "the rerank needs at least n_edges candidates"
             )
         for name in ("recall_sample", "refine_rounds", "approx_nlist", "local_max_items", "local_threads",
-                     "exact_max_items", "approx_digits", "approx_token_groups"):
+                     "exact_max_items", "approx_digits", "approx_token_groups", "stream_min_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
 

@@ -11,8 +11,8 @@ import torch
 from rpg_dist import configlib, io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.errors import StageError
-from rpg_dist.graph.builder import build_item_graph
-from rpg_dist.graph.store import write_graph
+from rpg_dist.graph.builder import build_item_graph, stream_item_graph
+from rpg_dist.graph.store import commit_graph, write_graph
 from rpg_dist.raycluster import init_ray
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 
@@ -62,11 +62,17 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
             f"{paths.model_weights}: token_embeddings {tuple(token_embeddings.shape)} do not match the "
             f"{codes.shape[1]}-digit codes of {paths.semantic_ids}"
         )
+    # Streamed: on Ray actors, which write the parts themselves (never the whole graph in one process).
+    streamed = codes.shape[0] > max(cfg.graph.local_max_items, cfg.graph.stream_min_items)
     if codes.shape[0] > cfg.graph.local_max_items:
         init_ray(cfg.ray)
     log.info("graph: %d items, mode %s, %d edges", codes.shape[0], cfg.graph.resolved_mode(codes.shape[0]),
              cfg.graph.n_edges)
-    built = build_item_graph(token_embeddings, codes, cfg.graph, seed=cfg.seed)
+    if streamed:
+        built = stream_item_graph(token_embeddings, codes, cfg.graph, paths.graph, semantic_ids.index.item_ids,
+                                  cfg.storage, seed=cfg.seed)
+    else:
+        built = build_item_graph(token_embeddings, codes, cfg.graph, seed=cfg.seed)
     write_started = time.perf_counter()
     manifest = {
         **built.info,
@@ -76,15 +82,13 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
         "config": configlib.to_dict(cfg.graph),
         "fingerprint": configlib.fingerprint(cfg.graph),
     }
-    stats = {"mode": built.info["mode"], **built.stats, **_degree_stats(built.neighbors)}
+    stats = {"mode": built.info["mode"], **built.stats}
     manifest["timings_s"]["total_s"] = time.perf_counter() - started
-    manifest = write_graph(cfg.run_dir, semantic_ids.index, built.neighbors, built.partition, manifest, stats, cfg.storage)
-    log.info("graph: written in %.1fs, cross-partition edges %.3f",
+    if streamed:
+        manifest = commit_graph(cfg.run_dir, manifest, stats, built.files, built.digests, cfg.storage)
+    else:
+        manifest = write_graph(cfg.run_dir, semantic_ids.index, built.neighbors, built.partition, manifest, stats,
+                               cfg.storage)
+    log.info("graph: committed in %.1fs, cross-partition edges %.3f",
              time.perf_counter() - write_started, manifest["cross_partition_edge_fraction"])
     return manifest
-
-
-def _degree_stats(neighbors) -> dict[str, Any]:
-    degree = (neighbors >= 0).sum(axis=1)
-    return {"degree_min": int(degree.min()) if len(degree) else 0,
-            "degree_mean": float(degree.mean()) if len(degree) else 0.0}

@@ -1,13 +1,16 @@
-"""The graph on storage: ``RUN_DIR/graph/part-PPPPP-CCCCC.parquet`` + ``manifest.json`` (+ ``stats.json``).
+"""The graph on storage: ``RUN_DIR/graph/part-PPPPP-CCCCC-TAG.parquet`` + ``manifest.json`` (+ ``stats.json``).
 
 Each part holds rows of one partition: ``item_id`` int64, ``neighbors`` list<int64> (item ids, most
-similar first), ``partition`` int32. ``manifest.json`` is the commit marker: it is removed first
-and written last, so a crash mid-write leaves "no graph", never a mix of two graphs; its ``files``
-lists each partition's parts, so a shard reads only its own.
+similar first), ``partition`` int32. ``manifest.json`` is the commit marker and lists each
+partition's parts (a shard reads only its own). A build writes its parts under names carrying its
+own TAG beside the current graph's, then replaces the manifest (one atomic write), then removes
+every part the new manifest does not list: a crash at any point leaves the previous graph or the new
+one, never a mix, and never loses the previous graph before the new one is complete.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,38 +48,69 @@ def write_graph(
     stats: dict[str, Any],
     storage: StorageConfig | None = None,
 ) -> dict[str, Any]:
-    """Write every partition's parts, then ``stats.json``, then ``manifest.json`` (the commit)."""
-    paths = RunPaths(run_dir)
-    io.remove(paths.graph_manifest, storage)
-    for old in io.list_files(paths.graph, ".parquet", storage):
-        io.remove(old, storage)
+    """Write an in-memory graph: every partition's parts, then commit (``commit_graph``)."""
+    tag = new_build_tag()
+    graph_dir = RunPaths(run_dir).graph
+    order = np.argsort(partition, kind="stable")  # rows grouped by partition, ascending inside each
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(partition))]) if len(partition) else np.zeros(1, np.int64)
     files: dict[str, list[str]] = {}
     digests: dict[str, str] = {}  # sha256 of each part: loading refuses an altered or truncated one
-    for part in range(int(partition.max()) + 1 if len(partition) else 0):
-        rows = np.flatnonzero(partition == part)
+    for part in range(len(bounds) - 1):
+        rows = order[bounds[part] : bounds[part + 1]]
         files[str(part)] = []
         for chunk, lo in enumerate(range(0, len(rows), ROWS_PER_FILE)):
-            name = f"part-{part:05d}-{chunk:05d}.parquet"
-            table = _table(index, rows[lo : lo + ROWS_PER_FILE], neighbors, part)
-            digests[name] = io.write_parquet(table, io.join(paths.graph, name), storage, row_group_size=65_536)
+            name = part_name(part, chunk, tag)
+            chunk_rows = rows[lo : lo + ROWS_PER_FILE]
+            digests[name] = write_part(graph_dir, name, index.item_ids, chunk_rows, neighbors[chunk_rows], part, storage)
             files[str(part)].append(name)
-            failpoints.reach("graph-part-written")
-    io.write_json(paths.graph_stats, stats, storage)
+    return commit_graph(run_dir, manifest, stats, files, digests, storage)
+
+
+def new_build_tag() -> str:
+    """A fresh tag for one build's part names (they never collide with the current graph's)."""
+    return uuid.uuid4().hex[:12]
+
+
+def part_name(part: int, chunk: int, tag: str) -> str:
+    """``part-PPPPP-CCCCC-TAG.parquet``: chunk C of partition P of build TAG."""
+    return f"part-{part:05d}-{chunk:05d}-{tag}.parquet"
+
+
+def write_part(graph_dir: str, name: str, item_ids: np.ndarray, rows: np.ndarray, lists: np.ndarray, part: int,
+               storage: StorageConfig | None = None) -> str:
+    """One part file (temporary name, then committed): ``rows``' (r, k) neighbour ``lists`` of
+    partition ``part``, rows and neighbours as item ids (``item_ids`` by dense row); returns its sha256."""
+    digest = io.write_parquet(_table(item_ids, rows, lists, part), io.join(graph_dir, name), storage,
+                              row_group_size=65_536)
+    failpoints.reach("graph-part-written")
+    return digest
+
+
+def commit_graph(run_dir: str, manifest: dict[str, Any], stats: dict[str, Any], files: dict[str, list[str]],
+                 digests: dict[str, str], storage: StorageConfig | None = None) -> dict[str, Any]:
+    """Make parts already written the graph: ``manifest.json`` (the commit), ``stats.json``, then
+    remove every part the manifest does not list (the previous graph's, a crashed build's)."""
+    paths = RunPaths(run_dir)
+    io.remove(paths.graph_stats, storage)  # never the previous graph's stats beside the new manifest
     manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files, "digests": digests}
     io.write_json(paths.graph_manifest, manifest, storage)
+    io.write_json(paths.graph_stats, stats, storage)
+    listed = {name for names in files.values() for name in names}
+    for uri in io.list_files(paths.graph, ".parquet", storage):
+        if uri.rsplit("/", 1)[-1] not in listed:
+            io.remove(uri, storage)
     return manifest
 
 
-def _table(index: ItemIndex, rows: np.ndarray, neighbors: np.ndarray, part: int) -> pa.Table:
-    block = neighbors[rows]  # (r, k)
-    valid = block >= 0
+def _table(item_ids: np.ndarray, rows: np.ndarray, lists: np.ndarray, part: int) -> pa.Table:
+    valid = lists >= 0  # (r, k)
     offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(valid.sum(axis=1), out=offsets[1:])
-    values = index.ids(block[valid])  # row-major: each list keeps its order
-    lists = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+    values = item_ids[lists[valid]]  # row-major: each list keeps its order
+    neighbors = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
     return pa.table({
-        "item_id": pa.array(index.ids(rows), pa.int64()),
-        "neighbors": lists.cast(pa.list_(pa.int64())),
+        "item_id": pa.array(item_ids[rows], pa.int64()),
+        "neighbors": neighbors.cast(pa.list_(pa.int64())),
         "partition": pa.array(np.full(len(rows), part, np.int32)),
     })
 
