@@ -22,9 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from rpg_dist.decode.blocktopk import _key
-
-MIN_KEY = np.iinfo(np.int64).min
+from rpg_dist.decode.blocktopk import _key, _key_row
+from rpg_dist.decode.topk import MIN_KEY
 
 
 class Workspace:
@@ -97,7 +96,7 @@ def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, fi
         for step in range(steps):
             step_stamp = query_stamp + 2 + step
             for j in range(b):
-                beam[j] = np.int64(0xFFFFFFFF) - (top[j] & np.int64(0xFFFFFFFF))
+                beam[j] = _key_row(top[j])
             top[:] = MIN_KEY
             for j in range(b):
                 item = beam[j]
@@ -110,7 +109,6 @@ def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, fi
                     count += _consider(neighbor, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp,
                                        step_stamp, top)
         visited[q] = count
-    return keys
 
 
 @njit(inline="always", boundscheck=False)

@@ -38,6 +38,12 @@ def _key(score, row):
 
 
 @njit(inline="always")
+def _key_row(key):
+    """The item row packed in a key (``topk.key_rows`` for one key)."""
+    return _LOW - (key & _LOW)
+
+
+@njit(inline="always")
 def _key_score(key):
     bits = key >> 32
     if bits < 0:

@@ -224,7 +224,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     workers = _workers(setup, cfg)
     try:
         clock = time.perf_counter()
-        tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, _n_workers(setup, cfg, workers))
+        tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, workers.count)
         neighbors = _collect(workers.run(tasks), n_items, setup.n_edges)
         setup.timings["neighbors_s"] = time.perf_counter() - clock
         stats = {}
@@ -267,7 +267,7 @@ def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: 
         clock = time.perf_counter()
         # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
         order = np.argsort(partition, kind="stable")
-        tasks = _tasks(order, cfg.block_size, setup.approx, _n_workers(setup, cfg, workers))
+        tasks = _tasks(order, cfg.block_size, setup.approx, workers.count)
         streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
         merged = _merge_reports(workers.run(streamed), n_items)
         setup.timings["neighbors_s"] = time.perf_counter() - clock
@@ -358,6 +358,7 @@ class _LocalWorkers:
 
     def __init__(self, tables, codes, n_edges: int, cfg: GraphConfig, approx, writer: PartWriter | None) -> None:
         self.threads = cfg.local_threads or torch.get_num_threads()
+        self.count = self.threads  # tasks that run at once
         self.worker = GraphWorker(tables.numpy(), codes.numpy(), n_edges, cfg.item_chunk, cfg.block_size, 0, approx,
                                   writer)
 
@@ -393,6 +394,7 @@ class _RayWorkers:
                           approx_ref, writer_ref)
             for _ in range(cfg.num_actors)
         ]
+        self.count = len(self.actors)  # tasks that run at once
 
     def run(self, tasks: list[tuple[str, tuple]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         from ray.util import ActorPool
@@ -410,10 +412,6 @@ class _RayWorkers:
 
         for actor in self.actors:
             ray.kill(actor)
-
-
-def _n_workers(setup: _Setup, cfg: GraphConfig, workers) -> int:
-    return workers.threads if setup.local else cfg.num_actors
 
 
 def _tasks(order: np.ndarray, block_size: int, approx, workers: int) -> list[tuple[str, tuple]]:
