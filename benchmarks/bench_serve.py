@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=16, help="histories per request in the last level")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--cpus-per-replica", type=float, default=1)
+    parser.add_argument("--graph", choices=["memory", "sharded"], default="memory",
+                        help="sharded: one GraphShard deployment per graph partition")
+    parser.add_argument("--cpus-per-shard", type=float, default=0.5)
     parser.add_argument("--port", type=int, default=8311)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="")
@@ -123,7 +126,7 @@ def main() -> None:
     baseline = in_process(args.run, histories, args.batch)
     print(f"in-process: {baseline['queries_per_s']:.0f} q/s (batch {args.batch})", flush=True)
     cfg = ServeConfig(port=args.port, replicas=args.replicas, num_cpus_per_replica=args.cpus_per_replica,
-                      max_batch_size=args.batch)
+                      max_batch_size=args.batch, graph=args.graph, num_cpus_per_shard=args.cpus_per_shard)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     url = app.start(args.run, cfg)
     levels = []
@@ -148,7 +151,7 @@ def main() -> None:
         app.stop(local=True)
     result = {"machine": machine(), "run": args.run, "in_process": baseline, "proxy_ceiling": ceiling, "levels": levels,
               "serve": {"replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica,
-                        "max_batch_size": args.batch}}
+                        "max_batch_size": args.batch, "graph": args.graph}}
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -20,6 +20,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.decode.sharded import ShardedGraphDecoder
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import right_pad
 
@@ -78,15 +79,18 @@ class Recommender:
         # (N,) items taken out of the catalogue (catalogue.py): never answered, never a neighbour.
         self.withdrawn = torch.zeros(len(self.index), dtype=torch.bool)
         self._tables: torch.Tensor | None = None  # (m, V, V) digit cosine tables, for graph changes
+        # (shard handles, (N,) partition of every item) when the lists live in GraphShards instead.
+        self.shards: tuple[list, np.ndarray] | None = None
         self.version = 0  # the catalogue version served
 
     @classmethod
     def load(cls, run_dir: str, storage: StorageConfig | None = None, start: str | None = None,
-             changes: bool = True) -> Recommender:
+             changes: bool = True, lists: bool = True) -> Recommender:
         """Load ``run_dir`` (local or any fsspec URI) on CPU, without DeepSpeed or Ray.
 
         ``start`` overrides the run's ``decode.start`` (random, popular or history); ``changes``
-        replays the catalogue's committed changes (catalogue.py) on the trained one.
+        replays the catalogue's committed changes (catalogue.py) on the trained one; without
+        ``lists`` the graph is not read (``use_shards`` decodes over shards that hold it).
 
         Raises:
             StageError: the run has no trained model (or no ``config.yaml``).
@@ -105,7 +109,7 @@ class Recommender:
         model.eval()
         index = load_semantic_ids(RunPaths(run_dir).semantic_ids, storage).index
         neighbors = None
-        if io.exists(RunPaths(run_dir).graph_manifest, storage):
+        if lists and io.exists(RunPaths(run_dir).graph_manifest, storage):
             neighbors = torch.from_numpy(load_graph(run_dir, index, storage).neighbors)
         titles = _titles(read_items(cfg.dataset, storage, columns=None), index)
         decode = dataclasses.replace(cfg.decode, start=start or cfg.decode.start)
@@ -156,7 +160,7 @@ class Recommender:
         # Excluded history items can take up to len(history) places: rank that many more.
         need = torch.clamp(k + torch.where(exclude, lengths, 0), max=n_items)  # (B,)
         log_probs = self.model.next_token_log_probs(items, lengths).float()  # (B, m, V)
-        if full_ranking or self.neighbors is None:
+        if full_ranking or (self.neighbors is None and self.shards is None):
             # Withdrawn items can take places too (graph lists never hold them).
             width = min(n_items, int(need.max()) + int(self.withdrawn.sum()))
             rows, scores = full_ranking_topk(log_probs, self.model.item_codes, width)
@@ -180,8 +184,18 @@ class Recommender:
         generator = torch.Generator().manual_seed(decode.seed)
         # Withdrawn history items do not seed beams (their lists are empty anyway).
         seeds = torch.where((items >= 0) & self.withdrawn[items.clamp(min=0)], -1, items)
-        start = start_items(decode, seeds, lengths, self.neighbors, self.popularity, len(self.index), generator)
-        return self._decoder(beams).decode(log_probs, start)
+        decoder = self._decoder(beams)
+        lists = self.neighbors if self.shards is None else decoder
+        start = start_items(decode, seeds, lengths, lists, self.popularity, len(self.index), generator)
+        return decoder.decode(log_probs, start)
+
+    def use_shards(self, shards: list, partition: np.ndarray) -> None:
+        """Decode through ``shards`` (a GraphShard actor or deployment per partition; ``partition``
+        (N,) the owner of every item) instead of lists in this process. The catalogue is then the
+        built graph's: ``add_items`` and ``withdraw`` refuse."""
+        self.shards = (list(shards), np.asarray(partition, np.int32))
+        self.neighbors = None
+        self._decoders.clear()
 
     def add_items(self, item_ids: np.ndarray, codes: np.ndarray, titles: list[str]) -> None:
         """Insert new items: rows are re-dealt in id order, the graph gets their exact lists and
@@ -189,6 +203,7 @@ class Recommender:
         from rpg_dist.data.items import ItemIndex
         from rpg_dist.graph.update import insert_items
 
+        self._check_local_graph()
         n_old = len(self.index)
         all_ids = np.concatenate([self.index.item_ids, np.asarray(item_ids, np.int64)])
         index = ItemIndex(all_ids)
@@ -213,6 +228,7 @@ class Recommender:
         """Take items out: never answered again, out of every graph list (the lists refilled exactly)."""
         from rpg_dist.graph.update import remove_items
 
+        self._check_local_graph()
         rows = torch.from_numpy(self.index.rows(item_ids, what="withdrawn items"))
         self.withdrawn[rows] = True
         self.popularity[rows] = -1  # never a popular start
@@ -221,6 +237,11 @@ class Recommender:
                                           ~self.withdrawn).to(torch.int32)
         self._decoders.clear()
 
+    def _check_local_graph(self) -> None:
+        if self.shards is not None:
+            raise DataError("catalogue changes need the graph in this process; this recommender decodes over "
+                            "graph shards, which serve the built graph as it is")
+
     def _digit_tables(self) -> torch.Tensor:
         from rpg_dist.graph.similarity import digit_similarity_tables
 
@@ -228,7 +249,9 @@ class Recommender:
             self._tables = digit_similarity_tables(self.model.token_embeddings)
         return self._tables
 
-    def _decoder(self, beams: int) -> GraphDecoder:
+    def _decoder(self, beams: int) -> GraphDecoder | ShardedGraphDecoder:
+        if self.shards is not None:
+            return ShardedGraphDecoder(*self.shards, beams, self.decode_cfg.steps)
         if beams not in self._decoders:
             self._decoders[beams] = GraphDecoder(self.model.item_codes, self.neighbors, beams,
                                                  self.decode_cfg.steps, self.decode_cfg.chunk_size)

@@ -8,11 +8,11 @@ import torch
 
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import config_from_dict
-from rpg_dist.decode.graph_decode import GraphDecoder, random_start_items
-from rpg_dist.decode.sharded import ShardedGraphDecoder, _top_per_query
+from rpg_dist.decode.graph_decode import GraphDecoder, history_start_items, random_start_items
+from rpg_dist.decode.sharded import MAX_OPEN_BATCHES, GraphShard, ShardedGraphDecoder, _top_per_query
 from rpg_dist.decode.topk import MIN_KEY, key_rows, ranking_keys
 from rpg_dist.graph.stage import build_graph
-from rpg_dist.graph.store import load_graph
+from rpg_dist.graph.store import load_graph, load_partitions
 from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids, write_semantic_ids
 
@@ -70,9 +70,18 @@ def test_sharded_from_run_files_equals_single_process(tmp_path, ray_local):
     gen = torch.Generator().manual_seed(9)
     log_probs = torch.log_softmax(torch.randn(20, 8, 256, generator=gen) * 3, dim=-1)
     start = random_start_items(20, 500, 8, gen)
-    sharded = ShardedGraphDecoder.from_run(run_dir, graph.partition, 8, steps=2)
+    partition = load_partitions(run_dir, semantic_ids.index)  # the coordinator's map, read without the lists
+    np.testing.assert_array_equal(partition, graph.partition)
+    sharded = ShardedGraphDecoder.from_run(run_dir, partition, 8, steps=2)
     try:
         got = sharded.decode(log_probs, start)
+        # History starts read the lists' heads from the shards: the same starts as from the lists.
+        rows = torch.tensor([3, 499, 0, 250, 3])
+        assert torch.equal(sharded.list_heads(rows, 4), torch.from_numpy(graph.neighbors)[rows, :4].long())
+        items, lengths = torch.tensor([[5, 9, 400], [77, -1, -1]]), torch.tensor([3, 1])
+        fallback = torch.arange(100, 140)
+        assert torch.equal(history_start_items(items, lengths, sharded, fallback, 8),
+                           history_start_items(items, lengths, torch.from_numpy(graph.neighbors), fallback, 8))
     finally:
         sharded.close()
     codes_t = torch.from_numpy(semantic_ids.codes)
@@ -81,3 +90,40 @@ def test_sharded_from_run_files_equals_single_process(tmp_path, ray_local):
     # Clustered items, k-means partitions: few candidates cross shards.
     crossing = sum(s["cross_shard_pairs"] for s in sharded.step_stats[1:])
     assert crossing < 0.5 * 20 * 8 * 10 * 2
+
+
+def test_a_shard_keeps_interleaved_batches_apart():
+    """Service replicas decode through the same shards at once: a shard's state is per batch id."""
+    gen = torch.Generator().manual_seed(4)
+    n_items, n_digit, vocab = 300, 4, 16
+    codes = torch.randint(0, vocab, (n_items, n_digit), generator=gen, dtype=torch.int16)
+    neighbors = _distinct_graph(n_items, 8, gen)
+
+    def shard() -> GraphShard:
+        one = GraphShard(n_items)
+        one.set_items(np.arange(n_items), neighbors.numpy(), codes.numpy())  # one shard owns every item
+        return one
+
+    batches = {name: (torch.log_softmax(torch.randn(3, n_digit, vocab, generator=gen), -1).numpy(),
+                      np.repeat(np.arange(3), 5), torch.randint(0, n_items, (15,), generator=gen).numpy())
+               for name in ("a", "b")}
+    alone = {}
+    for name, (log_probs, queries, items) in batches.items():
+        single = shard()
+        single.begin(name, log_probs, 5)
+        crossing = single.expand(name, queries, items)
+        alone[name] = (single.score(name, *crossing), single.finish(name))
+    shared = shard()
+    for name, (log_probs, _, _) in batches.items():
+        shared.begin(name, log_probs, 5)
+    crossing = {name: shared.expand(name, queries, items) for name, (_, queries, items) in batches.items()}
+    scored = {name: shared.score(name, *crossing[name]) for name in ("b", "a")}
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(scored[name], alone[name][0])
+        np.testing.assert_array_equal(shared.finish(name), alone[name][1])
+    # A coordinator that never ends its batch cannot grow a shard without bound: the oldest goes.
+    for number in range(MAX_OPEN_BATCHES + 1):
+        shared.begin(f"open-{number}", batches["a"][0], 5)
+    with pytest.raises(KeyError, match="open-0"):
+        shared.finish("open-0")
+    assert len(shared.batches) == MAX_OPEN_BATCHES

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,7 +17,7 @@ from rpg_dist.errors import DataError, StageError
 from rpg_dist.graph.builder import build_item_graph, stream_item_graph
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
-from rpg_dist.graph.partition import balanced_assign, cross_fraction, neighbor_counts
+from rpg_dist.graph.partition import balanced_assign, cross_fraction, neighbor_counts, refine_partition
 from rpg_dist.decode.scoring import offset_codes
 from rpg_dist.graph.similarity import block_sums, digit_similarity_tables, pair_sums, query_tables
 from rpg_dist.graph.stage import build_graph
@@ -89,6 +91,33 @@ def test_neighbor_counts_and_cross_fraction_by_hand():
     counts = neighbor_counts(partition, neighbors, 2, chunk=3)
     assert counts.tolist() == [[1, 1], [1, 0], [1, 1], [1, 1]]
     assert cross_fraction(partition, neighbors, chunk=2) == pytest.approx(3 / 7)
+
+
+def test_label_propagation_follows_its_definition():
+    """refine_partition against rounds written out with loops (balanced_assign is tested above)."""
+    rng = np.random.default_rng(5)
+    n_items, n_parts = 90, 3
+    neighbors = np.array([rng.choice(np.delete(np.arange(n_items), i), 6, replace=False) for i in range(n_items)])
+    neighbors[rng.random(neighbors.shape) < 0.2] = -1
+    start = rng.permutation(np.arange(n_items) % n_parts).astype(np.int32)
+
+    def crossing(partition) -> int:
+        return sum(partition[i] != partition[j] for i in range(n_items) for j in neighbors[i] if j >= 0)
+
+    want = start
+    for _ in range(3):
+        preference = np.zeros((n_items, n_parts))
+        for i in range(n_items):
+            for j in neighbors[i]:
+                if j >= 0:
+                    preference[i, want[j]] += 1
+            preference[i, want[i]] += 0.5  # ties keep the current partition
+        moved = balanced_assign(preference, capacity=30)
+        if (moved == want).all() or crossing(moved) >= crossing(want):
+            break
+        want = moved
+    got = refine_partition(start, neighbors, n_parts, rounds=3)
+    assert np.array_equal(got, want) and crossing(got) < crossing(start)
 
 
 @pytest.mark.parametrize("where", ["ray", "local"])
@@ -188,8 +217,14 @@ def test_streamed_build_writes_what_the_in_memory_build_computes(mode, tmp_path)
         assert np.array_equal(graph.neighbors, dense_neighbors(digit_similarity_tables(table), torch.from_numpy(codes), 15))
     else:
         assert streamed.stats["recall@15"] == in_memory.stats["recall@15"] and streamed.stats["recall@15"] > 0.5
-    # Partitions come from the codes alone (k-means, balanced): 500 rows over 3 tasks-sized groups.
-    assert "streamed build" in streamed.info["partition_method"]
+    # k-means partitions of the codes, then label propagation over the parts read back one at a time:
+    # the partitions the in-memory build refines on the whole lists.
+    assert "over the written parts" in streamed.info["partition_method"]
+    assert np.array_equal(graph.partition, in_memory.partition)
+    assert streamed.info["cross_partition_edge_fraction"] == in_memory.info["cross_partition_edge_fraction"]
+    unrefined = stream_item_graph(table, torch.from_numpy(codes), dataclasses.replace(cfg, refine_rounds=0),
+                                  str(tmp_path / "unrefined"), item_ids, seed=0)
+    assert unrefined.info["cross_partition_edge_fraction"] > streamed.info["cross_partition_edge_fraction"]
     assert np.bincount(graph.partition).max() <= 167 and set(streamed.files) == {"0", "1", "2"}
     for part, names in streamed.files.items():
         assert (load_graph(run_dir, ItemIndex(item_ids), partition=int(part)).partition == int(part)).all() and names

@@ -387,3 +387,66 @@ def test_catalogue_changes_through_the_api_reach_every_replica(serve_local, tmp_
     assert requests.delete(url + "/items/5001", timeout=60).json() == {"withdrawn": 5001, "version": 2}  # idempotent
     restarted = Recommender.load(run_dir)
     assert restarted.version == 2 and len(restarted.index) == 802 and int(restarted.withdrawn.sum()) == 1
+
+
+@pytest.mark.slow
+def test_graph_shards_serve_what_the_in_process_recommender_does(serve_local, local_answers):
+    """graph=sharded: one GraphShard deployment per partition; replicas decode through them."""
+    import ray
+    from ray import serve
+
+    from rpg_dist.serve.app import APP_NAME
+
+    url, port, run_dir = serve_local
+    _deploy(run_dir, port=port, graph="sharded", replicas=2, num_cpus_per_replica=0.25, num_cpus_per_shard=0.25,
+            max_batch_size=2)
+    assert {"GraphShard0", "GraphShard1"} <= set(serve.status().applications[APP_NAME].deployments)
+    info = requests.get(url + "/info", timeout=60).json()
+    assert (info["graph"], info["n_shards"], info["decoding"]) == ("sharded", 2, "graph")
+
+    def post(history: list[int]) -> requests.Response:
+        return requests.post(url + "/recommend", json={"history": history, "k": 5}, timeout=120)
+
+    # Concurrent requests on two replicas: batches decode through the same shards at once.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, HISTORIES * 3))
+    for history, got in zip(HISTORIES * 3, answers):
+        assert got.status_code == 200, got.text
+        want = local_answers.recommend([history], k=5)[0]
+        assert _ids(got.json()) == [r.item_id for r in want]
+        np.testing.assert_allclose([i["score"] for i in got.json()["items"]], [r.score for r in want], atol=1e-4)
+    refused = requests.post(url + "/items", json={"items": [{"item_id": 9001, "text": "x"}]}, timeout=60)
+    assert (refused.status_code, refused.json()["field"]) == (409, "items")
+    assert requests.delete(url + "/items/5", timeout=60).status_code == 409
+
+    # A killed shard replica: Serve starts another, requests meanwhile get 503 (never a 500).
+    shard = serve.get_deployment_handle("GraphShard0", APP_NAME)
+    victim = shard.replica.remote().result()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    statuses = []
+    for _ in range(2000):  # bounded: until ten answers in a row after the replacement started
+        statuses.append(post([5, 17]).status_code)
+        if statuses[-10:] == [200] * 10 and shard.replica.remote().result() != victim:
+            break
+    else:
+        pytest.fail(f"no replacement shard: {serve.status().applications[APP_NAME].deployments['GraphShard0']}")
+    assert set(statuses) <= {200, 503}, set(statuses)
+    assert _ids(post([5, 17]).json()) == [r.item_id for r in local_answers.recommend([[5, 17]], k=5)[0]]
+
+
+def test_graph_shards_refuse_a_run_with_catalogue_changes(tiny_run, tmp_path):
+    import shutil
+
+    from rpg_dist import catalogue
+    from rpg_dist.errors import ConfigError
+    from rpg_dist.serve.app import build_app
+    from rpg_dist.serve.config import ServeConfig
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(tiny_run[1], run_dir)
+    recommender = Recommender.load(run_dir)
+    change = catalogue.Change("withdraw", np.array([5], dtype=np.int64))
+    catalogue.change_and_commit(recommender, run_dir, change, recommender.version)
+    with pytest.raises(ConfigError, match="graph: sharded .* 1 catalogue changes"):
+        build_app(run_dir, ServeConfig(graph="sharded"))
+    build_app(run_dir, ServeConfig(graph="memory"))  # the in-memory graph replays them

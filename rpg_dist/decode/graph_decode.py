@@ -77,7 +77,7 @@ def history_start_items(items: torch.Tensor, lengths: torch.Tensor, neighbors: t
 
     Args:
         items: (B, T) history item rows, right-padded with -1; lengths (B,).
-        neighbors: (N, k) graph lists (-1 padded).
+        neighbors: (N, k) graph lists (-1 padded), or a ``ShardedGraphDecoder`` (its shards hold them).
         fallback: (F,) distinct rows (e.g. the most popular items), F >= n_beams.
 
     Returns:
@@ -90,16 +90,25 @@ def history_start_items(items: torch.Tensor, lengths: torch.Tensor, neighbors: t
     recent = torch.where(back >= 0, items.gather(1, back.clamp(min=0)), torch.full_like(items, -1))
     last = recent[:, :n_recent]  # (B, r)
     # Only each list's first n_beams can be needed: n_beams distinct items suffice.
-    near = neighbors[last.clamp(min=0)][:, :, :n_beams].long()  # (B, r, b)
-    near = torch.where((last >= 0).unsqueeze(2), near, -1).reshape(batch, -1)
+    near = list_heads(neighbors, last.clamp(min=0).reshape(-1), n_beams).reshape(batch, last.shape[1], -1)
+    near = torch.where((last >= 0).unsqueeze(2), near, -1).reshape(batch, -1)  # (B, r * b)
     pool = torch.cat([recent, near, fallback.long().unsqueeze(0).expand(batch, -1)], dim=1)  # (B, L)
     return first_distinct(pool, n_beams)
 
 
-def start_items(decode, items: torch.Tensor, lengths: torch.Tensor, neighbors: torch.Tensor,
-                counts: torch.Tensor, n_items: int, generator: torch.Generator) -> torch.Tensor:
+def list_heads(neighbors, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, min(width, k)) int64 first entries of the lists of ``rows`` (-1 padded), from the (N, k)
+    lists or from the shards of a ``ShardedGraphDecoder``."""
+    if isinstance(neighbors, torch.Tensor):
+        return neighbors[rows][:, :width].long()
+    return neighbors.list_heads(rows, width)
+
+
+def start_items(decode, items: torch.Tensor, lengths: torch.Tensor, neighbors, counts: torch.Tensor,
+                n_items: int, generator: torch.Generator) -> torch.Tensor:
     """(B, b) start rows for ``decode.start`` (a DecodeConfig): random (the paper), popular, or
-    history-seeded with the most frequent training items (``counts``, (N,)) as the fallback."""
+    history-seeded with the most frequent training items (``counts``, (N,)) as the fallback;
+    ``neighbors`` as ``history_start_items`` takes them."""
     if decode.start == "popular":
         return popular_start_items(counts, len(lengths), decode.num_beams)
     if decode.start == "history":

@@ -123,23 +123,25 @@ def _item_index(cfg: Config) -> ItemIndex:
 
 
 def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[str, float]):
-    """The graph decoder (in-process or sharded over Ray actors), its close function, the (N, k) lists."""
-    from rpg_dist.graph.store import load_graph
+    """The graph decoder, its close function, and what start items read lists from: the (N, k) lists
+    in process, or the decoder itself when sharded over Ray actors (this process then holds only
+    the (N,) partition map)."""
+    from rpg_dist.graph.store import load_graph, load_partitions
 
     if cfg.decode.num_beams > codes.shape[0]:
         raise ConfigError(f"decode.num_beams: {cfg.decode.num_beams} exceeds the {codes.shape[0]} items")
     clock = time.perf_counter()
-    graph = load_graph(cfg.run_dir, index, cfg.storage)
     if cfg.decode.sharded:
         from rpg_dist.decode.sharded import ShardedGraphDecoder
         from rpg_dist.raycluster import init_ray
 
         init_ray(cfg.ray)
-        decoder = ShardedGraphDecoder.from_run(cfg.run_dir, graph.partition, cfg.decode.num_beams,
-                                               cfg.decode.steps, cfg.storage, cfg.decode.num_cpus_per_shard)
+        decoder = ShardedGraphDecoder.from_run(cfg.run_dir, load_partitions(cfg.run_dir, index, cfg.storage),
+                                               cfg.decode.num_beams, cfg.decode.steps, cfg.storage,
+                                               cfg.decode.num_cpus_per_shard)
         timings["graph_load_s"] = time.perf_counter() - clock
-        return decoder, decoder.close, torch.from_numpy(graph.neighbors)
-    neighbors = torch.from_numpy(graph.neighbors)
+        return decoder, decoder.close, decoder
+    neighbors = torch.from_numpy(load_graph(cfg.run_dir, index, cfg.storage).neighbors)
     decoder = GraphDecoder(codes, neighbors, cfg.decode.num_beams, cfg.decode.steps, cfg.decode.chunk_size)
     timings["graph_load_s"] = time.perf_counter() - clock
     return decoder, lambda: None, neighbors

@@ -11,9 +11,10 @@ lists.
 refined by label propagation on the lists). ``stream_item_graph`` (the stage, for catalogues above
 ``stream_min_items``) partitions first from the codes alone, and every worker writes
 the parts of its own tasks as they finish (``PartWriter``): no process ever holds the whole graph,
-only the driver's (N,) partition array and each task's lists. Label propagation needs the whole
-graph, so streamed partitions are k-means partitions. Both measure the approximate mode's recall on
-a sample of items.
+only the driver's (N,) partition array and each task's lists. Its label propagation then reads the
+written parts back one at a time (the (N, P) neighbour counts are the largest state) and rewrites
+them by the refined partition before the commit: the partitions the in-memory build gives. Both
+measure the approximate mode's recall on a sample of items.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ import torch
 from rpg_dist.graph.approx import ItemReducer, approx_neighbors, build_index, ivf_list_neighbors, plan_ivf
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
-from rpg_dist.graph.partition import cross_fraction, kmeans_partition, refine_partition
-from rpg_dist.graph.store import new_build_tag, part_name, write_part
+from rpg_dist import io
+from rpg_dist.data.items import ItemIndex
+from rpg_dist.graph.partition import (
+    cross_fraction, crossing_edges, kmeans_partition, neighbor_counts, refine_partition, refine_with_counts,
+)
+from rpg_dist.graph.store import ROWS_PER_FILE, new_build_tag, part_name, read_part, write_part
 from rpg_dist.graph.similarity import digit_similarity_tables
 from rpg_dist.graph.token_blocks import default_groups, pairs_per_item, plan_token_blocks, token_block_neighbors
 
@@ -280,9 +285,72 @@ def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: 
             setup.timings["recall_s"] = time.perf_counter() - clock
     finally:
         workers.close()
-    info = _info(setup, cfg, partition, method, merged["cross_edges"] / max(merged["degree_sum"], 1))
+    files, digests, cross_edges = merged["files"], merged["digests"], merged["cross_edges"]
+    n_parts = int(partition.max()) + 1 if n_items else 0
+    if cfg.refine_rounds and n_parts > 1:
+        clock = time.perf_counter()
+        parts = _WrittenParts(graph_dir, [name for names in files.values() for name in names], digests,
+                              ItemIndex(np.asarray(item_ids, np.int64)), setup.n_edges, storage)
+        refined, counts = refine_with_counts(partition, lambda owner: parts.neighbor_counts(owner, n_parts),
+                                             cfg.refine_rounds)
+        if not np.array_equal(refined, partition):
+            files, digests = parts.rewrite(refined)
+            partition, cross_edges = refined, crossing_edges(refined, counts)
+        method += (f", then up to {cfg.refine_rounds} rounds of balanced label propagation over the written "
+                   "parts (streamed build)")
+        setup.timings["refine_s"] = time.perf_counter() - clock
+    info = _info(setup, cfg, partition, method, cross_edges / max(merged["degree_sum"], 1))
     stats.update(degree_min=merged["degree_min"], degree_mean=merged["degree_sum"] / max(n_items, 1))
-    return StreamedGraph(files=merged["files"], digests=merged["digests"], info=info, stats=stats)
+    return StreamedGraph(files=files, digests=digests, info=info, stats=stats)
+
+
+@dataclass
+class _WrittenParts:
+    """A streamed build's part files (not committed yet), read back one at a time: memory one part."""
+
+    graph_dir: str
+    names: list[str]
+    digests: dict[str, str]
+    index: ItemIndex
+    n_edges: int
+    storage: Any
+
+    def lists(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, (r,) rows, (r, k) neighbour rows) of each part."""
+        for name in self.names:
+            part = read_part(io.join(self.graph_dir, name), self.digests[name], self.index, self.n_edges, self.storage)
+            yield name, part.rows, part.neighbors
+
+    def neighbor_counts(self, partition: np.ndarray, n_parts: int) -> np.ndarray:
+        """(N, P) float32 neighbours of each item in each partition, one pass over the parts."""
+        counts = np.zeros((len(partition), n_parts), np.float32)
+        for _, rows, lists in self.lists():
+            counts[rows] = neighbor_counts(partition, lists, n_parts)
+        return counts
+
+    def rewrite(self, partition: np.ndarray) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Every row into parts of its ``partition`` (a new build tag; files of up to ROWS_PER_FILE
+        rows, so memory is at most P such files); each old part removed once read. Returns the new
+        (files, digests)."""
+        tag, files, digests = new_build_tag(), {}, {}
+        pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+        def flush(part: int) -> None:
+            rows, lists = (np.concatenate(a) for a in zip(*pending.pop(part)))
+            name = part_name(part, len(files.setdefault(str(part), [])), tag)
+            digests[name] = write_part(self.graph_dir, name, self.index.item_ids, rows, lists, part, self.storage)
+            files[str(part)].append(name)
+
+        for name, rows, lists in self.lists():
+            owner = partition[rows]
+            for part in np.unique(owner).tolist():
+                pending.setdefault(part, []).append((rows[owner == part], lists[owner == part]))
+                if sum(len(r) for r, _ in pending[part]) >= ROWS_PER_FILE:
+                    flush(part)
+            io.remove(io.join(self.graph_dir, name), self.storage)  # this build's: never committed
+        for part in sorted(pending):
+            flush(part)
+        return {p: files[p] for p in sorted(files, key=int)}, digests
 
 
 def _merge_reports(reports: Iterator[dict[str, Any]], n_items: int) -> dict[str, Any]:
@@ -470,15 +538,14 @@ def _recall_stats(approx: np.ndarray, exact: np.ndarray) -> dict[str, Any]:
 
 
 def _partition(token_embeddings, codes, neighbors: np.ndarray | None, cfg: GraphConfig, seed: int) -> tuple[np.ndarray, str]:
-    """Balanced k-means partitions, refined on the graph when its lists are here (``neighbors``)."""
+    """Balanced k-means partitions, refined on the graph when its lists are here (``neighbors``;
+    a streamed build refines over its written parts instead)."""
     n_parts = min(cfg.n_partitions, codes.shape[0])
     reducer = ItemReducer(token_embeddings, codes, cfg.partition_dim, min(cfg.approx_fit_sample, 4096), seed)
     vectors = np.concatenate([reducer.project(codes[lo : lo + 65_536]) for lo in range(0, codes.shape[0], 65_536)])
     partition = kmeans_partition(vectors, n_parts, seed)
     method = f"balanced k-means (faiss, {n_parts} centroids) of {reducer.dim}-d reduced item vectors"
-    if neighbors is None:
-        method += " (streamed build: no label propagation, which needs the whole graph)"
-    elif cfg.refine_rounds and n_parts > 1:
+    if neighbors is not None and cfg.refine_rounds and n_parts > 1:
         partition = refine_partition(partition, neighbors, n_parts, cfg.refine_rounds)
         method += f", then up to {cfg.refine_rounds} rounds of balanced label propagation on the graph"
     return partition, method

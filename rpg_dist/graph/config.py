@@ -25,9 +25,11 @@ class GraphConfig:
     # larger ones on Ray actors.
     local_max_items: int = 200_000
     # Above this size the Ray actors write their own parts as they finish: build-graph never holds
-    # the (N, n_edges) lists in one process, but partitions are then k-means partitions of the codes,
-    # without label propagation on the graph (at 1M realistic items 45 % of edges cross partitions
-    # against 2-26 % refined: BENCHMARKS.md); below it the lists come back and partitions are refined.
+    # the (N, n_edges) lists in one process; label propagation then reads the parts back one at a
+    # time (1 + rounds passes) and rewrites them, giving the in-memory build's partitions (without
+    # it, at 1M realistic items 45 % of edges crossed partitions against 2.3 %: BENCHMARKS.md).
+    # Below it the lists come back to this process: at 1M they are 0.4 GB beside the actors' 4 GB,
+    # so streaming would only add the passes.
     stream_min_items: int = 4_000_000
     # Threads of the in-process build (0: torch's intra-op thread count).
     local_threads: int = 0

@@ -10,6 +10,8 @@ Capacity is ceil(N / P) items per partition. Every step is vectorised over items
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -74,26 +76,52 @@ def refine_partition(partition: np.ndarray, neighbors: np.ndarray, n_parts: int,
         n_parts: P.
         rounds: propagation rounds (each O(N x k)).
     """
+    return refine_with_counts(partition, lambda owner: neighbor_counts(owner, neighbors, n_parts), rounds)[0]
+
+
+def refine_with_counts(partition: np.ndarray, counts_of: Callable[[np.ndarray], np.ndarray],
+                       rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """``refine_partition`` with the lists behind ``counts_of(partition) -> (N, P)`` neighbour counts
+    (a streamed build reads them from its part files, one part at a time).
+
+    Each round moves items to their preferred partitions under capacity ceil(N / P), and is kept
+    only if fewer edges cross partitions afterwards.
+
+    Returns:
+        The (N,) partition and its (N, P) neighbour counts.
+    """
     n_items = len(partition)
-    capacity = -(-n_items // n_parts)
+    counts = counts_of(partition)
+    capacity = -(-n_items // counts.shape[1])
     for _ in range(rounds):
-        preference = neighbor_counts(partition, neighbors, n_parts)
+        preference = counts.copy()
         # Half a neighbour of stickiness: ties keep the current partition, so nothing oscillates.
         preference[np.arange(n_items), partition] += 0.5
         updated = balanced_assign(preference, capacity)
         if (updated == partition).all():
             break
-        if cross_fraction(updated, neighbors) >= cross_fraction(partition, neighbors):
+        updated_counts = counts_of(updated)
+        if crossing_edges(updated, updated_counts) >= crossing_edges(partition, counts):
             break
-        partition = updated
-    return partition
+        partition, counts = updated, updated_counts
+    return partition, counts
+
+
+def crossing_edges(partition: np.ndarray, counts: np.ndarray) -> int:
+    """Edges between partitions, from (N, P) neighbour counts under ``partition``."""
+    inside = counts[np.arange(len(partition)), partition].sum(dtype=np.float64)
+    return int(counts.sum(dtype=np.float64) - inside)
 
 
 def neighbor_counts(partition: np.ndarray, neighbors: np.ndarray, n_parts: int, chunk: int = 65_536) -> np.ndarray:
-    """(N, P) float32: how many of each item's neighbours lie in each partition (chunked over items)."""
-    n_items = len(partition)
-    counts = np.zeros((n_items, n_parts), np.float32)
-    for lo in range(0, n_items, chunk):
+    """(n, P) float32: how many of each list's neighbours lie in each partition (chunked over lists).
+
+    Args:
+        partition: (N,) partition of every item.
+        neighbors: (n, k) neighbour rows, -1 padded: the whole graph's lists or some of them.
+    """
+    counts = np.zeros((len(neighbors), n_parts), np.float32)
+    for lo in range(0, len(neighbors), chunk):
         block = neighbors[lo : lo + chunk]  # (c, k)
         valid = block >= 0
         local = np.broadcast_to(np.arange(len(block))[:, None], block.shape)[valid]

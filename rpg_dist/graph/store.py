@@ -140,7 +140,7 @@ def load_graph(
     ]
     width = int(manifest["n_edges"])
     digests = manifest.get("digests", {})  # absent in graphs built before digests were recorded
-    parts = [_read_part(io.join(RunPaths(run_dir).graph, name), digests.get(name), index, width, storage)
+    parts = [read_part(io.join(RunPaths(run_dir).graph, name), digests.get(name), index, width, storage)
              for name in names]
     rows = np.concatenate([p.rows for p in parts]) if parts else np.empty(0, np.int64)
     neighbors = np.concatenate([p.neighbors for p in parts]) if parts else np.empty((0, width), np.int32)
@@ -152,7 +152,29 @@ def load_graph(
     return graph
 
 
-def _read_part(uri: str, digest: str | None, index: ItemIndex, width: int, storage: StorageConfig | None) -> ItemGraph:
+def load_partitions(run_dir: str, index: ItemIndex, storage: StorageConfig | None = None) -> np.ndarray:
+    """(N,) int32 partition of every item, read without the lists (what a sharded decoder's
+    coordinator holds).
+
+    Raises:
+        StageError: no graph.
+        DataError: a file names an unknown item, or the parts do not cover the catalogue once.
+    """
+    manifest = read_manifest(run_dir, storage)
+    partition = np.full(len(index), -1, np.int32)
+    for part, names in manifest["files"].items():
+        for name in names:
+            uri = io.join(RunPaths(run_dir).graph, name)
+            table = io.read_parquet_verified(uri, manifest.get("digests", {}).get(name),
+                                             "rebuild it with `rpg-dist build-graph`", storage, ["item_id"])
+            partition[index.rows(table.column("item_id").to_numpy(), what=f"{uri}: field 'item_id'")] = int(part)
+    if (partition < 0).any():
+        raise DataError(f"{RunPaths(run_dir).graph}: {int((partition < 0).sum())} items are in no partition")
+    return partition
+
+
+def read_part(uri: str, digest: str | None, index: ItemIndex, width: int, storage: StorageConfig | None) -> ItemGraph:
+    """One part file's rows, (r, width) neighbour rows and partition, checked against ``digest``."""
     table = io.read_parquet_verified(uri, digest, "rebuild it with `rpg-dist build-graph`", storage,
                                      ["item_id", "neighbors", "partition"])
     rows = index.rows(table.column("item_id").to_numpy(), what=f"{uri}: field 'item_id'")

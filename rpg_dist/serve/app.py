@@ -7,11 +7,14 @@ Concurrent requests reach one replica's ``_rank_batch`` together (``@serve.batch
 by one vectorised ``Recommender.rank`` call. The call blocks the replica's event loop on purpose:
 run on a worker thread (``asyncio.to_thread``), the decoder held the GIL so much that the loop
 admitted ~1.9 requests per batch at 32 clients on 2 cores (80 requests/s); blocking, the requests
-wait in Ray's queue and all join the next batch (10.5 per batch, 183 requests/s).
+wait in Ray's queue and all join the next batch (10.5 per batch, 183 requests/s). With
+``graph=sharded`` the replica mostly waits on the shard deployments, so the call runs on a worker
+thread there (a Serve handle's result cannot be awaited synchronously on the event loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -21,9 +24,12 @@ import time
 import numpy as np
 import torch
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from rpg_dist.decode.sharded import GraphShard
 from rpg_dist.serve import api
 from rpg_dist.serve.config import TOKEN_ENV, ServeConfig
 
@@ -32,17 +38,40 @@ log = logging.getLogger(__name__)
 APP_NAME = "rpg-dist"
 
 
+@serve.deployment(name="GraphShard")
+class GraphShardService(GraphShard):
+    """One graph partition's lists and codes (``graph=sharded``); state per batch id, so every
+    Recommender replica decodes through the same shard."""
+
+    def __init__(self, run_dir: str, partition: int, n_items: int) -> None:
+        from rpg_dist.config import read_run_config
+
+        super().__init__(n_items)
+        self.load_partition(run_dir, partition, read_run_config(run_dir).storage)
+
+    def replica(self) -> str:
+        """This replica's Serve id (its actor's name)."""
+        return serve.get_replica_context().replica_id.to_full_id_str()
+
+
 @serve.deployment(name="Recommender")
 class RecommenderService:
-    """One replica: the run loaded once (model in eval mode, graph in memory), requests batched."""
+    """One replica: the run loaded once (model in eval mode, graph in memory or behind ``shards``,
+    one GraphShard deployment handle per partition), requests batched."""
 
-    def __init__(self, run_dir: str, cfg: ServeConfig, token_sha256: str | None) -> None:
+    def __init__(self, run_dir: str, cfg: ServeConfig, token_sha256: str | None, shards: list | None = None) -> None:
+        from rpg_dist.config import read_run_config
+        from rpg_dist.graph.store import load_partitions
         from rpg_dist.recommend import Recommender
 
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_replica)))
         self.cfg, self.run_dir = cfg, run_dir
         self.token_sha256 = token_sha256
-        self.recommender = Recommender.load(run_dir, start=None if cfg.start == "run" else cfg.start)
+        start = None if cfg.start == "run" else cfg.start
+        self.recommender = Recommender.load(run_dir, start=start, changes=not shards, lists=not shards)
+        if shards:
+            storage = read_run_config(run_dir).storage
+            self.recommender.use_shards(shards, load_partitions(run_dir, self.recommender.index, storage))
         self.encoder = None  # the run's tokenizer, loaded at the first POST /items
         self.checked_at = time.monotonic()
         self.limits = api.Limits(cfg.max_body_bytes, cfg.max_histories, cfg.max_history_len, cfg.max_k)
@@ -57,6 +86,10 @@ class RecommenderService:
             return JSONResponse(await self._route(request))
         except api.RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
+        except (RayError, RayServeException):  # graph=sharded: a shard died mid-batch, Serve replaces it
+            log.warning("request %s %s: a graph shard failed; answered 503", request.method, request.url.path)
+            return JSONResponse({"error": "a graph shard is restarting; retry", "field": ""}, status_code=503,
+                                headers={"Retry-After": "1"})
         except Exception:  # a bug, not the client's fault: log it here, never send the traceback
             log.exception("request %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error; see the replica's log", "field": ""}, status_code=500)
@@ -96,6 +129,7 @@ class RecommenderService:
         from rpg_dist import catalogue
         from rpg_dist.errors import DataError
 
+        self._check_changes("items")
         if self.encoder is None:
             self.encoder = catalogue.ItemEncoder(self.run_dir)
         new = api.parse_items(payload, self.recommender.index, self.encoder.needs_vectors, self.cfg.max_new_items)
@@ -112,6 +146,7 @@ class RecommenderService:
         """DELETE /items/{id}: never recommended again, out of the graph; idempotent."""
         from rpg_dist import catalogue
 
+        self._check_changes("item_id")
         self._catch_up(now=True)  # an item another replica added a moment ago is known here too
         if not self.recommender.index.find(np.array([item_id]))[1][0]:
             raise api.RequestError(404, "item_id", f"item {item_id} is not in the catalogue")
@@ -120,11 +155,18 @@ class RecommenderService:
         self.recommender.version = version
         return {"withdrawn": item_id, "version": version}
 
+    def _check_changes(self, field: str) -> None:
+        if self.recommender.shards is not None:
+            raise api.RequestError(409, field, "this service decodes over graph shards (graph=sharded), which "
+                                   "serve the built graph as it is; change the catalogue on a graph=memory service")
+
     def _catch_up(self, now: bool = False) -> None:
         """Serve the changes other replicas (or `rpg-dist add-items`) committed since our version;
         at most every ``catalogue_poll_s`` unless ``now``."""
         from rpg_dist import catalogue
 
+        if self.recommender.shards is not None:
+            return
         if not now and time.monotonic() - self.checked_at < self.cfg.catalogue_poll_s:
             return
         self.checked_at = time.monotonic()
@@ -152,7 +194,10 @@ class RecommenderService:
         k = torch.from_numpy(np.repeat([r.k for r in requests], [len(r.lengths) for r in requests]))
         exclude = torch.from_numpy(np.repeat([r.exclude_history for r in requests], [len(r.lengths) for r in requests]))
         started = time.perf_counter()
-        ranked = self.recommender.rank(items, torch.from_numpy(lengths), k, exclude)
+        if self.recommender.shards is None:
+            ranked = self.recommender.rank(items, torch.from_numpy(lengths), k, exclude)
+        else:
+            ranked = await asyncio.to_thread(self.recommender.rank, items, torch.from_numpy(lengths), k, exclude)
         self.served["rank_s"] += time.perf_counter() - started
         answers = self._answers(ranked)
         self.served["requests"] += len(requests)
@@ -198,7 +243,9 @@ def _run_info(run_dir: str, recommender, cfg: ServeConfig) -> dict:
         "run": run_dir,
         "n_items": len(recommender.index),
         "graph_version": catalogue.graph_version(run_dir, storage),
-        "decoding": "graph" if recommender.neighbors is not None else "full_ranking",
+        "decoding": "full_ranking" if recommender.neighbors is None and recommender.shards is None else "graph",
+        "graph": cfg.graph,
+        "n_shards": 0 if recommender.shards is None else len(recommender.shards[0]),
         "config_sha256": hashlib.sha256(io.read_bytes(io.join(run_dir, "config.yaml"), storage)).hexdigest(),
         "model_sha256": weights,
         "decode": {"num_beams": recommender.decode_cfg.num_beams, "steps": recommender.decode_cfg.steps,
@@ -210,10 +257,12 @@ def _run_info(run_dir: str, recommender, cfg: ServeConfig) -> dict:
 
 
 def build_app(run_dir: str, cfg: ServeConfig):
-    """The Serve application of ``run_dir``: ``cfg.replicas`` replicas of the service.
+    """The Serve application of ``run_dir``: ``cfg.replicas`` replicas of the service (and with
+    ``cfg.graph == "sharded"`` one GraphShard deployment per graph partition).
 
     Raises:
-        ConfigError: ``cfg.host`` reaches beyond this machine and no token is set (see TOKEN_ENV).
+        ConfigError: ``cfg.host`` reaches beyond this machine and no token is set (see TOKEN_ENV);
+            ``graph=sharded`` on a run without a graph or with committed catalogue changes.
     """
     from rpg_dist.errors import ConfigError
 
@@ -226,7 +275,31 @@ def build_app(run_dir: str, cfg: ServeConfig):
         num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus_per_replica}, max_constructor_retry_count=2,
     )
-    return deployment.bind(run_dir, cfg, digest)
+    return deployment.bind(run_dir, cfg, digest, _shards(run_dir, cfg))
+
+
+def _shards(run_dir: str, cfg: ServeConfig) -> list:
+    """One bound GraphShard deployment per partition (``graph=sharded``), else none."""
+    from rpg_dist import catalogue
+    from rpg_dist.config import read_run_config
+    from rpg_dist.errors import ConfigError, StageError
+    from rpg_dist.graph.store import read_manifest
+
+    if cfg.graph != "sharded":
+        return []
+    storage = read_run_config(run_dir).storage
+    try:
+        manifest = read_manifest(run_dir, storage)
+    except StageError as err:
+        raise ConfigError(f"graph: sharded needs the run's graph: {err}") from None
+    version = catalogue.current(run_dir, storage)["version"]
+    if version > 0:
+        raise ConfigError(f"graph: sharded serves the built graph, and {run_dir} has {version} catalogue changes "
+                          "committed since; serve it with graph=memory (or rebuild the graph)")
+    options = {"num_replicas": 1, "ray_actor_options": {"num_cpus": cfg.num_cpus_per_shard},
+               "max_ongoing_requests": cfg.max_ongoing_requests}
+    return [GraphShardService.options(name=f"GraphShard{part}", **options).bind(run_dir, int(part), manifest["n_items"])
+            for part in range(manifest["n_partitions"])]
 
 
 def start(run_dir: str, cfg: ServeConfig, address: str | None = None) -> str:

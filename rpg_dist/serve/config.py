@@ -41,6 +41,14 @@ class ServeConfig:
     # Beam starts for graph decoding: the user's history and its graph neighbours by default (one
     # answer per history, whatever the batch it lands in); "run" keeps the run's decode.start.
     start: Literal["run", "random", "popular", "history"] = "history"
+    # Where the graph lives. memory: every replica holds the whole (N, n_edges) lists. sharded: one
+    # GraphShard deployment per graph partition holds that partition's lists and codes, and the
+    # replicas decode through them (rpg_dist/decode/sharded.py), holding (N,) partition owners and
+    # the model only: for catalogues beyond one replica's memory. A sharded service serves the built
+    # graph as it is: catalogue changes (POST /items, DELETE /items/{id}) are refused with 409.
+    graph: Literal["memory", "sharded"] = "memory"
+    # Ray CPUs per graph shard (graph=sharded).
+    num_cpus_per_shard: float = 0.5
     # Only with host bound beyond loopback and no RPG_DIST_SERVE_TOKEN: serve without auth anyway.
     allow_unauthenticated: bool = False
 
@@ -51,8 +59,9 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: {self.port} is not a TCP port (1..65535)")
-        if self.num_cpus_per_replica <= 0:
-            raise ConfigError("num_cpus_per_replica: must be > 0")
+        for name in ("num_cpus_per_replica", "num_cpus_per_shard"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0")
         if self.batch_wait_timeout_s < 0:
             raise ConfigError("batch_wait_timeout_s: must be >= 0")
         if self.catalogue_poll_s < 0:
