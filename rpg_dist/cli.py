@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--history", required=True, action="append", help="comma-separated item ids (repeatable)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--full-ranking", action="store_true", help="score every item instead of graph decoding")
+    p.add_argument("--method", choices=["auto", "graph", "full"],
+                   help="graph decoding, full ranking (every item scored) or auto by catalogue size "
+                        "(default: the run's decode.method)")
     _add_storage_args(p)
     p.set_defaults(handler=_recommend)
 
@@ -246,9 +248,9 @@ def _run(args: argparse.Namespace) -> int:
 def _recommend(args: argparse.Namespace) -> int:
     from rpg_dist.recommend import Recommender, parse_history, print_recommendations
 
-    recommender = Recommender.load(args.run, _storage(args))
+    recommender = Recommender.load(args.run, _storage(args), method=args.method)
     histories = [parse_history(h) for h in args.history]
-    results = recommender.recommend(histories, k=args.k, full_ranking=args.full_ranking)
+    results = recommender.recommend(histories, k=args.k)
     print_recommendations(histories, results)
     return 0
 

@@ -85,10 +85,11 @@ class Recommender:
 
     @classmethod
     def load(cls, run_dir: str, storage: StorageConfig | None = None, start: str | None = None,
-             changes: bool = True, lists: bool = True) -> Recommender:
+             changes: bool = True, lists: bool = True, method: str | None = None) -> Recommender:
         """Load ``run_dir`` (local or any fsspec URI) on CPU, without DeepSpeed or Ray.
 
-        ``start`` overrides the run's ``decode.start`` (random, popular or history); ``changes``
+        ``start`` overrides the run's ``decode.start`` (random, popular or history), ``method`` its
+        ``decode.method`` (auto, graph or full); ``changes``
         replays the catalogue's committed changes (catalogue.py) on the trained one; without
         ``lists`` the graph is not read (``use_shards`` decodes over shards that hold it).
 
@@ -112,7 +113,7 @@ class Recommender:
         if lists and io.exists(RunPaths(run_dir).graph_manifest, storage):
             neighbors = torch.from_numpy(load_graph(run_dir, index, storage).neighbors)
         titles = _titles(read_items(cfg.dataset, storage, columns=None), index)
-        decode = dataclasses.replace(cfg.decode, start=start or cfg.decode.start)
+        decode = dataclasses.replace(cfg.decode, start=start or cfg.decode.start, method=method or cfg.decode.method)
         counts = torch.zeros(len(index), dtype=torch.int64)
         if decode.start != "random":
             split = leave_one_out(read_sequences(cfg.dataset, storage), max_len=cfg.model.max_seq_len)
@@ -145,10 +146,21 @@ class Recommender:
             for rows, scores in zip(ranked.rows.tolist(), ranked.scores.tolist())
         ]
 
+    @property
+    def decoding(self) -> str:
+        """How ``rank`` answers: "graph" or "full_ranking" (``decode.method`` at this catalogue size;
+        full ranking without a graph, graph decoding over shards)."""
+        if self.shards is not None:
+            return "graph"
+        if self.neighbors is None or self.decode_cfg.resolved_method(len(self.index)) == "full":
+            return "full_ranking"
+        return "graph"
+
     @torch.no_grad()
     def rank(self, items: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, exclude: torch.Tensor,
              full_ranking: bool = False) -> Ranked:
-        """Top ``k[i]`` item rows after each history, by graph decoding (full ranking without a graph).
+        """Top ``k[i]`` item rows after each history, as ``decoding`` says (``full_ranking``: full
+        ranking whatever it says).
 
         Args:
             items: (B, T) history rows, right-padded with -1 (at most ``max_seq_len`` per row).
@@ -160,7 +172,7 @@ class Recommender:
         # Excluded history items can take up to len(history) places: rank that many more.
         need = torch.clamp(k + torch.where(exclude, lengths, 0), max=n_items)  # (B,)
         log_probs = self.model.next_token_log_probs(items, lengths).float()  # (B, m, V)
-        if full_ranking or (self.neighbors is None and self.shards is None):
+        if full_ranking or self.decoding == "full_ranking":
             # Withdrawn items can take places too (graph lists never hold them).
             width = min(n_items, int(need.max()) + int(self.withdrawn.sum()))
             rows, scores = full_ranking_topk(log_probs, self.model.item_codes, width)

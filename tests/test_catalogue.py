@@ -58,7 +58,7 @@ def _check_graph(recommender: Recommender) -> None:
 def test_added_items_get_exact_lists_and_are_reachable(run_copy, tmp_path):
     out = _cli("add-items", "--run", run_copy, "--items", _new_items(tmp_path / "new.parquet"))
     assert out.returncode == 0, out.stderr[-2000:]
-    recommender = Recommender.load(run_copy)
+    recommender = Recommender.load(run_copy, method="graph")
     assert recommender.version == 1 and len(recommender.index) == 803
     _check_graph(recommender)
     rows = recommender.index.rows(np.array([5001, 5002, 5003]))
@@ -80,13 +80,13 @@ def test_added_items_get_exact_lists_and_are_reachable(run_copy, tmp_path):
 
 @pytest.mark.slow
 def test_a_restart_serves_exactly_the_same_catalogue(run_copy):
-    live = Recommender.load(run_copy, start="history")
+    live = Recommender.load(run_copy, start="history", method="graph")
     encoder = catalogue.ItemEncoder(run_copy)
     ids = np.array(NEW["item_id"][:3])
     change = catalogue.Change("add", ids, encoder.codes(ids, NEW["text"][:3]), NEW["text"][:3])
     assert catalogue.change_and_commit(live, run_copy, change, live.version) == 1
     live.version = catalogue.change_and_commit(live, run_copy, catalogue.Change("withdraw", np.array([289, 31])), 1)
-    restarted = Recommender.load(run_copy, start="history")
+    restarted = Recommender.load(run_copy, start="history", method="graph")
     assert restarted.version == live.version == 2
     assert np.array_equal(restarted.index.item_ids, live.index.item_ids)
     for name in ("neighbors", "withdrawn", "popularity"):
@@ -100,7 +100,7 @@ def test_a_restart_serves_exactly_the_same_catalogue(run_copy):
 
 @pytest.mark.slow
 def test_withdrawn_items_are_never_recommended(run_copy):
-    recommender = Recommender.load(run_copy, start="history")
+    recommender = Recommender.load(run_copy, start="history", method="graph")
     histories = [[5, 17, 300], [44], [120, 121]]
     before = {r.item_id for recs in recommender.recommend(histories, k=8) for r in recs}
     version = catalogue.change_and_commit(recommender, run_copy, catalogue.Change("withdraw", np.array(sorted(before))), 0)

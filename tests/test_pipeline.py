@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_force_redoes_a_stage_and_everything_after_it(tiny_run, tmp_path):
 
 def test_recommend_api_and_cli(tiny_run):
     _, run_dir, _ = tiny_run
-    recommender = Recommender.load(run_dir)
+    recommender = Recommender.load(run_dir, method="graph")
     graph = recommender.recommend([[5, 17, 300], [44]], k=5)
     full = recommender.recommend([[5, 17, 300], [44]], k=5, full_ranking=True)
     assert [len(r) for r in graph] == [5, 5] and [len(r) for r in full] == [5, 5]
@@ -94,6 +95,13 @@ def test_recommend_api_and_cli(tiny_run):
         assert scores == sorted(scores, reverse=True) and all(r.title for r in recs)
     # Graph decoding can only find items as good as full ranking's best.
     assert graph[0][0].score <= full[0][0].score + 1e-5
+    assert [[r.item_id for r in recs] for recs in graph] != [[r.item_id for r in recs] for recs in full]
+    # decode.method=auto: full ranking up to full_ranking_max_items (800 here), graph decoding above.
+    auto = Recommender.load(run_dir)
+    assert auto.decoding == "full_ranking" and recommender.decoding == "graph"
+    assert auto.recommend([[5, 17, 300], [44]], k=5) == full
+    auto.decode_cfg = dataclasses.replace(auto.decode_cfg, full_ranking_max_items=799)
+    assert auto.decoding == "graph" and auto.recommend([[5, 17, 300], [44]], k=5) == graph
     with pytest.raises(DataError, match="history: item_id 999999 is unknown"):
         recommender.recommend([[5, 999999]])
     with pytest.raises(DataError, match="history: 99999999999999999999 is not an item id"):
@@ -101,10 +109,15 @@ def test_recommend_api_and_cli(tiny_run):
     for k in (-3, 0, 801, 2.5):
         with pytest.raises(DataError, match=f"k: {k} must be a whole number from 1 to the catalogue's 800 items"):
             recommender.recommend([[5, 17]], k=k)
-    out = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,17,300", "--k", "3"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[0] == "history: 5,17,300" and len(out.stdout.splitlines()) == 5
+    # Random starts are drawn per batch: the CLI's one-history batch is compared with the same batch here.
+    for method, want in (("graph", recommender.recommend([[5, 17, 300]], k=3)[0]),
+                         ("full", recommender.recommend([[5, 17, 300]], k=3, full_ranking=True)[0])):
+        out = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,17,300", "--k", "3", "--method",
+                              method], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == "history: 5,17,300" and len(lines) == 5
+        assert [int(line.split()[1]) for line in lines[2:5]] == [r.item_id for r in want], (method, lines)
     bad = subprocess.run([RPG, "recommend", "--run", run_dir, "--history", "5,999999"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "item_id 999999 is unknown" in bad.stderr

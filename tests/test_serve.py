@@ -142,7 +142,9 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tiny_run):
     _, run_dir, _ = tiny_run
-    svc = Service(run_dir, free_port(), "--set", "max_body_bytes=4096", "--set", "max_history_len=100")
+    # Graph decoding (at 800 items decode.method=auto would rank every item: a test of its own below).
+    svc = Service(run_dir, free_port(), "--set", "max_body_bytes=4096", "--set", "max_history_len=100",
+                  "--set", "method=graph")
     try:
         svc.wait_ready()
         yield svc
@@ -153,7 +155,7 @@ def service(tiny_run):
 @pytest.fixture(scope="module")
 def local_answers(tiny_run):
     """The in-process recommender the service wraps (history starts, as the service's default)."""
-    return Recommender.load(tiny_run[1], start="history")
+    return Recommender.load(tiny_run[1], start="history", method="graph")
 
 
 def _ids(answer: dict) -> list[int]:
@@ -307,6 +309,25 @@ def test_concurrent_requests_are_decoded_in_one_batch(serve_local):
 
 
 @pytest.mark.slow
+def test_a_small_catalogue_is_served_by_full_ranking(serve_local):
+    """decode.method=auto at 800 items (<= full_ranking_max_items): every item scored, the exact top-k."""
+    from twins import full_ranking_reference
+
+    url, port, run_dir = serve_local
+    _deploy(run_dir, port=port)
+    assert requests.get(url + "/info", timeout=60).json()["decoding"] == "full_ranking"
+    local = Recommender.load(run_dir, method="graph")
+    items, lengths = local._batch(HISTORIES)
+    with torch.no_grad():
+        log_probs = local.model.next_token_log_probs(items, lengths).float()
+    rows, scores = full_ranking_reference(log_probs, local.model.item_codes, 5)
+    for history, want_rows, want_scores in zip(HISTORIES, rows, scores):
+        got = requests.post(url + "/recommend", json={"history": history, "k": 5}, timeout=60).json()
+        assert _ids(got) == local.index.item_ids[want_rows.numpy()].tolist() and got["n_visited_items"] == 800
+        np.testing.assert_allclose([i["score"] for i in got["items"]], want_scores.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
 def test_a_killed_replica_is_replaced_under_load(serve_local):
     import ray
     from ray import serve
@@ -355,7 +376,7 @@ def test_catalogue_changes_through_the_api_reach_every_replica(serve_local, tmp_
     url, port, shared_run = serve_local
     run_dir = str(tmp_path / "run")
     shutil.copytree(shared_run, run_dir)
-    _deploy(run_dir, port=port, replicas=2, num_cpus_per_replica=0.5, catalogue_poll_s=0)
+    _deploy(run_dir, port=port, replicas=2, num_cpus_per_replica=0.5, catalogue_poll_s=0, method="graph")
     new = {"items": [{"item_id": 5001, "text": "Belus eco-friendly pink rake, 3-pack. Belus. Garden, Tools, rake.",
                       "title": "New rake"},
                      {"item_id": 5002, "text": "Vexeon red gel pen set, small. Vexeon. Office Products, Writing."}]}

@@ -26,6 +26,15 @@ class DecodeConfig:
     num_cpus_per_shard: float = 0.5
     # Queries decoded together inside a batch (keeps the per-step tensors in cache).
     chunk_size: int = 16
+    # How `recommend` and `serve` answer (evaluate reports both): graph decoding, full ranking (every
+    # item scored: the exact top-k of the model's score), or auto: full ranking up to
+    # full_ranking_max_items, graph decoding above. Why a size: full ranking is a blocked scan of m
+    # lookups per item (linear in items), graph decoding costs what it visits (~b x k x q items).
+    # Measured on 2 cores (BENCHMARKS.md): 12,101 items, full ranking 27,590 q/s against 1,732 for
+    # graph decoding (b 20, k 200, q 3); 1M items, 791 against 1,824 (b 20, k 100, q 3). Full
+    # ranking's rate scaled linearly meets graph decoding's near 400k items; 200k leaves margin.
+    method: Literal["auto", "graph", "full"] = "auto"
+    full_ranking_max_items: int = 200_000
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -38,3 +47,11 @@ class DecodeConfig:
             raise ConfigError("chunk_size: must be >= 1")
         if self.num_cpus_per_shard <= 0:
             raise ConfigError("num_cpus_per_shard: must be > 0")
+        if self.full_ranking_max_items < 0:
+            raise ConfigError("full_ranking_max_items: must be >= 0")
+
+    def resolved_method(self, n_items: int) -> str:
+        """"graph" or "full" for a catalogue of ``n_items`` ("auto" decides by full_ranking_max_items)."""
+        if self.method != "auto":
+            return self.method
+        return "full" if n_items <= self.full_ranking_max_items else "graph"

@@ -68,7 +68,8 @@ class RecommenderService:
         self.cfg, self.run_dir = cfg, run_dir
         self.token_sha256 = token_sha256
         start = None if cfg.start == "run" else cfg.start
-        self.recommender = Recommender.load(run_dir, start=start, changes=not shards, lists=not shards)
+        method = None if cfg.method == "run" else cfg.method
+        self.recommender = Recommender.load(run_dir, start=start, changes=not shards, lists=not shards, method=method)
         if shards:
             storage = read_run_config(run_dir).storage
             self.recommender.use_shards(shards, load_partitions(run_dir, self.recommender.index, storage))
@@ -121,7 +122,7 @@ class RecommenderService:
         self._catch_up()
         recommender = self.recommender
         return {**self.info, "n_items": len(recommender.index), "n_withdrawn": int(recommender.withdrawn.sum()),
-                "catalogue_version": recommender.version,
+                "catalogue_version": recommender.version, "decoding": recommender.decoding,
                 "replica": serve.get_replica_context().replica_id.to_full_id_str(), "served": dict(self.served)}
 
     def _add(self, payload: object) -> dict:
@@ -243,7 +244,7 @@ def _run_info(run_dir: str, recommender, cfg: ServeConfig) -> dict:
         "run": run_dir,
         "n_items": len(recommender.index),
         "graph_version": catalogue.graph_version(run_dir, storage),
-        "decoding": "full_ranking" if recommender.neighbors is None and recommender.shards is None else "graph",
+        "decoding": recommender.decoding,
         "graph": cfg.graph,
         "n_shards": 0 if recommender.shards is None else len(recommender.shards[0]),
         "config_sha256": hashlib.sha256(io.read_bytes(io.join(run_dir, "config.yaml"), storage)).hexdigest(),
@@ -292,6 +293,10 @@ def _shards(run_dir: str, cfg: ServeConfig) -> list:
         manifest = read_manifest(run_dir, storage)
     except StageError as err:
         raise ConfigError(f"graph: sharded needs the run's graph: {err}") from None
+    method = read_run_config(run_dir).decode.method if cfg.method == "run" else cfg.method
+    if method == "full":
+        raise ConfigError("graph: sharded serves by graph decoding, and the run's decode.method is full ranking; "
+                          "--set method=auto (or graph)")
     version = catalogue.current(run_dir, storage)["version"]
     if version > 0:
         raise ConfigError(f"graph: sharded serves the built graph, and {run_dir} has {version} catalogue changes "

@@ -41,6 +41,10 @@ class ServeConfig:
     # Beam starts for graph decoding: the user's history and its graph neighbours by default (one
     # answer per history, whatever the batch it lands in); "run" keeps the run's decode.start.
     start: Literal["run", "random", "popular", "history"] = "history"
+    # Graph decoding or full ranking (decode.method: auto picks full ranking up to
+    # decode.full_ranking_max_items, where it is faster and exact); "run" keeps the run's. A sharded
+    # graph (below) is always served by graph decoding.
+    method: Literal["run", "auto", "graph", "full"] = "run"
     # Where the graph lives. memory: every replica holds the whole (N, n_edges) lists. sharded: one
     # GraphShard deployment per graph partition holds that partition's lists and codes, and the
     # replicas decode through them (rpg_dist/decode/sharded.py), holding (N,) partition owners and
