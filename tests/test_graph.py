@@ -46,6 +46,9 @@ def test_similarity_matches_paper_definition():
     expected = np.mean([(1 + float(e[k, codes[a, k].long()] @ e[k, codes[b, k].long()])) / 2 for k in range(4)])
     assert sims[a, b].item() == pytest.approx(expected, abs=1e-6)
     assert sims[a, a].item() == pytest.approx(1.0, abs=1e-6)
+    # Bit-symmetric (query_tables reads T_k[j, a_k] for T_k[a_k, j]), also for a wide GEMM.
+    wide = digit_similarity_tables(random_token_table(4, 256, 448, seed=1))
+    assert torch.equal(wide, wide.transpose(1, 2))
 
 
 def test_block_and_pair_sums_are_bit_identical_to_dense():

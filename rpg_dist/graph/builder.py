@@ -31,7 +31,6 @@ import torch
 
 from rpg_dist.graph.approx import ItemReducer, approx_neighbors, build_index, ivf_list_neighbors, plan_ivf
 from rpg_dist.graph.config import GraphConfig
-from rpg_dist.graph.descent import DescentParams, descent_neighbors
 from rpg_dist.graph.exact import exact_neighbors
 from rpg_dist import io
 from rpg_dist.data.items import ItemIndex
@@ -227,14 +226,12 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     """
     n_items = codes.shape[0]
     setup = _setup(token_embeddings, codes, cfg, seed)
-    neighbors = _descend(setup, cfg, seed) if is_descent(setup.approx) else None
     workers = _workers(setup, cfg)
     try:
-        if neighbors is None:
-            clock = time.perf_counter()
-            tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, workers.count)
-            neighbors = _collect(workers.run(tasks), n_items, setup.n_edges)
-            setup.timings["neighbors_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, workers.count)
+        neighbors = _collect(workers.run(tasks), n_items, setup.n_edges)
+        setup.timings["neighbors_s"] = time.perf_counter() - clock
         stats = {}
         if setup.mode == "approx" and cfg.recall_sample:
             clock = time.perf_counter()
@@ -250,22 +247,6 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     degree = (neighbors >= 0).sum(axis=1)
     stats.update(degree_min=int(degree.min()) if n_items else 0, degree_mean=float(degree.mean()) if n_items else 0.0)
     return BuiltGraph(neighbors=neighbors, partition=partition, info=info, stats=stats)
-
-
-def is_descent(approx: dict[str, Any] | None) -> bool:
-    """Whether the approximate method is neighbour descent (built in this process, never streamed)."""
-    return approx is not None and approx["method"] == "descent"
-
-
-def _descend(setup: _Setup, cfg: GraphConfig, seed: int) -> np.ndarray:
-    """Neighbour descent in this process (before any actor starts: its lists are the peak memory)."""
-    clock = time.perf_counter()
-    threads = cfg.local_threads or torch.get_num_threads()
-    result = descent_neighbors(setup.tables, setup.codes16, setup.n_edges, setup.approx["params"], seed, threads)
-    setup.timings["neighbors_s"] = time.perf_counter() - clock
-    setup.info.update(descent_iterations=len(result.iterations) - 1, descent_threads=threads,
-                      descent_changed=[h["changed"] for h in result.iterations])
-    return result.neighbors
 
 
 def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, graph_dir: str,
@@ -402,10 +383,6 @@ def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, see
     """Plan the blocks, or fit the reduction and the lists or index, once in the driver; workers get copies."""
     import faiss
 
-    if cfg.approx_method == "descent":
-        params = DescentParams(max_candidates=cfg.descent_candidates, max_iters=cfg.descent_iters,
-                               delta=cfg.descent_delta, init_per_digit=cfg.descent_init_per_digit)
-        return {"method": "descent", "params": params}
     if cfg.approx_method == "token_blocks":
         n_digits = cfg.approx_digits or codes.shape[1]
         groups = cfg.approx_token_groups or default_groups(codes.shape[0], n_digits, token_embeddings.shape[1], n_edges)
@@ -427,10 +404,6 @@ def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, see
 
 def _describe(approx: dict[str, Any], cfg: GraphConfig) -> dict[str, Any]:
     """What the manifest says about the approximate method actually used."""
-    if approx["method"] == "descent":
-        params = approx["params"]
-        return {"approx_method": "descent", "descent_candidates": params.max_candidates,
-                "descent_max_iters": params.max_iters, "descent_delta": params.delta}
     if approx["method"] == "token_blocks":
         blocks = approx["blocks"]
         return {"approx_method": "token_blocks", "approx_digits": int(len(blocks.digits)),

@@ -38,22 +38,12 @@ class GraphConfig:
     num_cpus_per_actor: float = 0.5
     # torch/faiss threads per actor (the cores it may really use).
     threads_per_actor: int = 1
-    # How approximate mode finds candidates, all scored exactly. descent (graph/descent.py):
-    # neighbour descent (NN-descent) -- neighbours of neighbours, linear in N, in this process on
-    # local_threads threads, holding N x n_edges x 9 bytes (9 GB at 10M x 100; never streamed).
-    # token_blocks (graph/token_blocks.py):
+    # How approximate mode finds candidates, all scored exactly. token_blocks (graph/token_blocks.py):
     # every item against the items sharing a token (group) with it at some digit -- holds on real
     # codes, whose neighbours share few digits and cluster nowhere. ivf_blocks / faiss_index
     # (graph/approx.py): k-means lists or any faiss index over reduced item vectors -- fast, but only
     # for codes that cluster cleanly (synthetic taxonomies); on real codes their recall is ~0.4.
-    approx_method: Literal["descent", "token_blocks", "ivf_blocks", "faiss_index"] = "token_blocks"
-    # descent: new (and old) candidates per item and iteration (the local join scores about
-    # 1.5 x this^2 pairs per item), iterations at most, the fraction of list entries that must still
-    # change for another iteration, and shared-token items sampled per digit for the first lists.
-    descent_candidates: int = 32
-    descent_iters: int = 12
-    descent_delta: float = 0.001
-    descent_init_per_digit: int = 4
+    approx_method: Literal["token_blocks", "ivf_blocks", "faiss_index"] = "token_blocks"
     # token_blocks: digits whose blocks are used (0: all m) and token groups per digit (256: exact
     # tokens; fewer groups of similar tokens also reach neighbours that share no token; 0: the
     # most groups, a power of two <= 256, that still offer each item >= 30 x n_edges candidates:
@@ -87,21 +77,18 @@ class GraphConfig:
     def __post_init__(self) -> None:
         for name in ("n_edges", "block_size", "item_chunk", "num_actors", "threads_per_actor",
                      "n_partitions", "approx_dim", "approx_nprobe", "approx_fit_sample", "approx_train_size",
-                     "partition_dim", "descent_candidates", "descent_iters"):
+                     "partition_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.num_cpus_per_actor <= 0:
             raise ConfigError("num_cpus_per_actor: must be > 0")
-        if not 0 <= self.descent_delta < 1:
-            raise ConfigError(f"descent_delta: {self.descent_delta} must lie in [0, 1)")
         if self.approx_candidates < self.n_edges:
             raise ConfigError(
                 f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
                 "the rerank needs at least n_edges candidates"
             )
         for name in ("recall_sample", "refine_rounds", "approx_nlist", "local_max_items", "local_threads",
-                     "exact_max_items", "approx_digits", "approx_token_groups", "stream_min_items",
-                     "descent_init_per_digit"):
+                     "exact_max_items", "approx_digits", "approx_token_groups", "stream_min_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
 

@@ -26,9 +26,16 @@ from numba import njit
 
 
 def digit_similarity_tables(token_embeddings: torch.Tensor) -> torch.Tensor:
-    """Per-digit cosine tables: (m, V, d) token embeddings -> (m, V, V) float32."""
+    """Per-digit cosine tables: (m, V, d) token embeddings -> (m, V, V) float32, exactly symmetric.
+
+    A GEMM need not give T[a, b] and T[b, a] the same rounding; the upper triangle is mirrored so
+    that S(a, b) == S(b, a) bit for bit: ``query_tables`` reads T_k[j, a_k] for T_k[a_k, j], and
+    an item's lists and scores must not depend on which side of a pair it is.
+    """
     normed = F.normalize(token_embeddings.detach().to(torch.float32), dim=-1)
-    return torch.bmm(normed, normed.transpose(1, 2)).contiguous()
+    full = torch.bmm(normed, normed.transpose(1, 2))
+    upper = torch.triu(full)
+    return (upper + torch.triu(full, diagonal=1).transpose(1, 2)).contiguous()
 
 
 def query_tables(tables: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:
