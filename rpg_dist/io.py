@@ -202,6 +202,25 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
     _call(uri, fs.pipe_file, path, data)
 
 
+def upload_file(local_path: str, uri: str, storage: StorageConfig | None = None) -> None:
+    """Copy a local file to ``uri``, retried on transient errors like ``write_bytes``.
+
+    An object store publishes the object only once its upload completes, and each attempt uploads
+    the whole file afresh, so a failed upload leaves the previous object (or none).
+
+    Raises:
+        StorageError: naming ``uri`` when the storage stays unreachable or refuses the write.
+    """
+    fs, path = filesystem(uri, storage)
+    _call(uri, fs.put_file, local_path, path)
+
+
+def download_folder(uri: str, local_dir: str, storage: StorageConfig | None = None) -> None:
+    """Copy every file under ``uri`` into ``local_dir`` (retried on transient errors)."""
+    fs, path = filesystem(uri, storage)
+    _call(uri, fs.get, path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+
+
 def file_sha256(uri: str, storage: StorageConfig | None = None, block: int = 8 << 20) -> str:
     """sha256 (hex) of a file's bytes, read in ``block``-sized pieces (bounded memory)."""
     fs, path = filesystem(uri, storage)

@@ -127,6 +127,26 @@ def test_write_to_unreachable_storage_is_an_error(s3_via_proxy):
     assert io.read_text(target, direct) == "v1"
 
 
+def test_file_uploads_are_errors_naming_the_file_and_keep_the_old_object(s3_via_proxy, tmp_path):
+    """Checkpoint and TensorBoard uploads: a cut link is a StorageError, not a botocore traceback."""
+    proxy, via, direct, bucket = s3_via_proxy
+    local = tmp_path / "mp_rank_00_model_states.pt"
+    local.write_bytes(b"new weights")
+    target = f"s3://{bucket}/checkpoints/step-1/ds/mp_rank_00_model_states.pt"
+    io.write_bytes(target, b"old weights", direct)
+    proxy.cut()
+    with pytest.raises(StorageError, match="mp_rank_00_model_states.pt: storage unreachable"):
+        io.upload_file(str(local), target, via)
+    assert io.read_bytes(target, direct) == b"old weights"
+    io.upload_file(str(local), target, direct)
+    io.write_bytes(f"s3://{bucket}/checkpoints/step-1/meta.json", b"{}", direct)
+    io.download_folder(f"s3://{bucket}/checkpoints/step-1", str(tmp_path / "down"), direct)
+    assert (tmp_path / "down" / "ds" / "mp_rank_00_model_states.pt").read_bytes() == b"new weights"
+    assert (tmp_path / "down" / "meta.json").read_bytes() == b"{}"
+    with pytest.raises(StorageError, match="step-1: storage unreachable"):
+        io.download_folder(f"s3://{bucket}/checkpoints/step-1", str(tmp_path / "again"), via)
+
+
 def test_missing_credentials_are_a_clear_error(monkeypatch, s3_bucket):
     endpoint, bucket = s3_bucket
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

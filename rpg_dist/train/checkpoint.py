@@ -126,8 +126,7 @@ def load(engine, uri: str, storage: StorageConfig | None = None) -> None:
         _load_local(engine, io.filesystem(uri)[1])
         return
     with tempfile.TemporaryDirectory(prefix="rpg-ckpt-") as local:
-        fs, path = io.filesystem(uri, storage)
-        fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+        io.download_folder(uri, local, storage)
         _load_local(engine, local)
 
 
@@ -190,8 +189,7 @@ def remove_all(root: str, storage: StorageConfig | None = None) -> None:
 
 def _upload(local: str, target: str, storage: StorageConfig | None) -> None:
     """Upload every file under ``local`` to ``target`` (this rank's files only)."""
-    fs, path = io.filesystem(target, storage)
     for folder, _, files in os.walk(local):
         for name in files:
             rel = os.path.relpath(os.path.join(folder, name), local)
-            fs.put_file(os.path.join(folder, name), posixpath.join(path, rel.replace(os.sep, "/")))
+            io.upload_file(os.path.join(folder, name), io.join(target, rel.replace(os.sep, "/")), storage)

@@ -65,9 +65,8 @@ class MetricSinks:
             return
         self.writer.flush()
         if self._tmp is not None:
-            fs, path = io.filesystem(self.tb_uri, self.storage)
             for name in os.listdir(self._tmp.name):
-                fs.put_file(os.path.join(self._tmp.name, name), f"{path.rstrip('/')}/{name}")
+                io.upload_file(os.path.join(self._tmp.name, name), io.join(self.tb_uri, name), self.storage)
 
     def close(self) -> None:
         """Flush and release the writer (idempotent)."""
