@@ -13,7 +13,7 @@ from rpg_dist import failpoints, io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import config_from_dict
 from rpg_dist.data.items import ItemIndex
-from rpg_dist.errors import DataError, StageError
+from rpg_dist.errors import ConfigError, DataError, StageError
 from rpg_dist.graph.builder import build_item_graph, stream_item_graph
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
@@ -24,6 +24,7 @@ from rpg_dist.graph.stage import build_graph
 from rpg_dist.graph.store import commit_graph, load_graph, read_manifest
 from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.graph.token_blocks import plan_token_blocks, token_block_neighbors
+from rpg_dist.graph.token_pairs import choose_shared, sharing_fraction, token_pair_neighbors
 from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
 from twins import dense_neighbors, dense_sums
 
@@ -209,8 +210,8 @@ def test_streamed_build_writes_what_the_in_memory_build_computes(mode, tmp_path)
     run_dir = str(tmp_path / "run")
     item_ids, codes = _tiny_run(run_dir, n_items=500)
     table = random_token_table(8, 256, 16, seed=9)
-    cfg = GraphConfig(mode=mode, n_edges=15, block_size=64, n_partitions=3, approx_token_groups=64,
-                      recall_sample=100, local_max_items=10**9)
+    cfg = GraphConfig(mode=mode, n_edges=15, block_size=64, n_partitions=3, approx_method="token_blocks",
+                      approx_token_groups=64, recall_sample=100, local_max_items=10**9)
     streamed = stream_item_graph(table, torch.from_numpy(codes), cfg, RunPaths(run_dir).graph, item_ids, seed=0)
     commit_graph(run_dir, {"n_edges": 15, **streamed.info}, streamed.stats, streamed.files, streamed.digests)
     graph = load_graph(run_dir, ItemIndex(item_ids))
@@ -362,3 +363,70 @@ def test_token_blocks_recall_on_real_beauty_codes(beauty_slice):
     assert ivf.info["candidates_per_item_mean"] < len(codes) / 6
     ivf_recall = np.mean([len(set(a) & set(e)) / 100 for a, e in zip(ivf.neighbors, exact)])
     assert ivf_recall < recall[256] - 0.3
+
+
+def _sharing_twin(tables, codes, min_shared, n_edges):
+    """From the definition: each item's best items among those sharing >= min_shared tokens with it."""
+    sums = dense_sums(tables, codes).numpy().astype(np.float64)
+    c = codes.numpy()
+    shared = (c[:, None, :] == c[None, :, :]).sum(-1)  # (N, N) tokens in common
+    sums[shared < min_shared] = -np.inf
+    np.fill_diagonal(sums, -np.inf)
+    out = np.full((len(c), n_edges), -1, np.int64)
+    for i in range(len(c)):
+        order = np.argsort(-sums[i], kind="stable")
+        found = order[np.isfinite(sums[i, order])][:n_edges]
+        out[i, : len(found)] = found
+    n_pairs = int(((shared >= min_shared).sum() - len(c)) // 2)
+    return out, n_pairs
+
+
+@pytest.mark.parametrize("n_digit", [6, 13])  # 13: a partly filled 64-bit word of tokens
+@pytest.mark.parametrize("min_shared", [2, 3])
+def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, min_shared):
+    codes = clustered_codes(700, n_digit, n_clusters=8, keep=0.5, seed=11)
+    tables = digit_similarity_tables(random_token_table(n_digit, 256, 16, seed=11))
+    want, n_pairs = _sharing_twin(tables, codes, min_shared, 15)
+    for threads, chunk in ((1, 1 << 22), (3, 40)):  # one chunk per digit pair / many, several threads
+        got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk)
+        assert np.array_equal(got, want)
+        assert counts["scored"] == n_pairs  # a pair meets in every bucket of two shared digits: scored once
+
+
+def test_token_pairs_build_chooses_the_shared_tokens_and_fills_every_list():
+    codes = clustered_codes(3000, 16, n_clusters=40, keep=0.6, seed=5)
+    table = random_token_table(16, 256, 24, seed=5)
+    cfg = GraphConfig(mode="approx", approx_method="token_pairs", n_edges=25, recall_sample=300, local_max_items=0)
+    built = build_item_graph(table, codes, cfg, seed=0)
+    tables = digit_similarity_tables(table)
+    exact = dense_neighbors(tables, codes, 25)
+    info = built.info
+    assert info["approx_method"] == "token_pairs" and info["workers"] == "in-process threads"
+    # The largest r whose pairs hold 98 % of the sample's exact lists, and not one more.
+    rows = np.sort(np.random.default_rng(0).choice(3000, 300, replace=False))
+    r = info["approx_shared_digits"]
+    assert r >= 2 and sharing_fraction(codes.numpy(), rows, exact[rows], r) >= 0.98
+    assert sharing_fraction(codes.numpy(), rows, exact[rows], r + 1) < 0.98
+    assert choose_shared(codes.numpy(), rows, exact[rows], 0.98) == r
+    # Isolated items (fewer than 25 others share r tokens) get their exact lists: every list is full.
+    assert info["rows_completed_exactly"] > 0 and built.stats["degree_min"] == 25
+    twin, _ = _sharing_twin(tables, codes, r, 25)
+    short = (twin >= 0).sum(axis=1) < 25
+    assert np.array_equal(built.neighbors[short], exact[short]) and np.array_equal(built.neighbors[~short], twin[~short])
+    recall = np.mean([len(set(a) & set(b)) / 25 for a, b in zip(built.neighbors.tolist(), exact.tolist())])
+    assert recall >= 0.98 and built.stats["recall@25"] == pytest.approx(recall, abs=0.02)
+
+
+def test_token_pairs_fall_back_to_token_blocks_where_neighbours_share_one_token():
+    codes = torch.randint(0, 256, (1500, 16), dtype=torch.int16, generator=torch.Generator().manual_seed(3))
+    table = random_token_table(16, 256, 24, seed=3)
+    cfg = GraphConfig(mode="approx", approx_method="token_pairs", n_edges=20, recall_sample=200,
+                      local_max_items=10**9)
+    built = build_item_graph(table, codes, cfg, seed=0)
+    assert built.info["approx_method"] == "token_blocks" and built.info["approx_fallback_from"] == "token_pairs"
+    blocks = build_item_graph(table, codes, dataclasses.replace(cfg, approx_method="token_blocks"), seed=0)
+    assert np.array_equal(built.neighbors, blocks.neighbors) and built.stats == blocks.stats
+    with pytest.raises(ConfigError, match="recall_sample: approx_method token_pairs"):
+        GraphConfig(approx_method="token_pairs", recall_sample=0)
+    with pytest.raises(ConfigError, match="approx_shared_digits: 1 must be 0"):
+        GraphConfig(approx_shared_digits=1)

@@ -19,6 +19,7 @@ measure the approximate mode's recall on a sample of items.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from rpg_dist.graph.partition import (
 from rpg_dist.graph.store import ROWS_PER_FILE, new_build_tag, part_name, read_part, write_part
 from rpg_dist.graph.similarity import digit_similarity_tables
 from rpg_dist.graph.token_blocks import default_groups, pairs_per_item, plan_token_blocks, token_block_neighbors
+from rpg_dist.graph.token_pairs import choose_shared, sharing_fraction, token_pair_neighbors
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +190,8 @@ def _setup(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig
         approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
         timings["approx_index_s"] = time.perf_counter() - clock
         info = _describe(approx, cfg)
-    local = n_items <= cfg.local_max_items
+    # token_pairs builds in this process (its lists are its state); so does the exact recall sample.
+    local = n_items <= cfg.local_max_items or is_token_pairs(approx)
     return _Setup(tables, codes.to(torch.int16).contiguous(), n_edges, mode, approx, info, timings, local)
 
 
@@ -228,16 +231,25 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     setup = _setup(token_embeddings, codes, cfg, seed)
     workers = _workers(setup, cfg)
     try:
-        clock = time.perf_counter()
-        tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, workers.count)
-        neighbors = _collect(workers.run(tasks), n_items, setup.n_edges)
-        setup.timings["neighbors_s"] = time.perf_counter() - clock
-        stats = {}
-        if setup.mode == "approx" and cfg.recall_sample:
+        neighbors, stats = None, {}
+        sample = _recall_sample(n_items, cfg.recall_sample, seed) if setup.mode == "approx" and cfg.recall_sample else None
+        exact_sample = None
+        if is_token_pairs(setup.approx):
+            # The sample's exact lists come first: they choose how many tokens a pair must share.
+            exact_sample = _exact_sample(workers, sample, setup.timings)
+            neighbors = _token_pairs(setup, cfg, token_embeddings, codes, sample, exact_sample, workers, seed)
+            if neighbors is None:  # fell back to token blocks, whose workers hold the blocks
+                workers.close()
+                workers = _workers(setup, cfg)
+        if neighbors is None:
             clock = time.perf_counter()
-            sample = _recall_sample(n_items, cfg.recall_sample, seed)
-            stats = _recall_stats(neighbors[sample], workers.exact(sample))
-            setup.timings["recall_s"] = time.perf_counter() - clock
+            tasks = _tasks(np.arange(n_items), cfg.block_size, setup.approx, workers.count)
+            neighbors = _collect(workers.run(tasks), n_items, setup.n_edges)
+            setup.timings["neighbors_s"] = time.perf_counter() - clock
+        if sample is not None:
+            if exact_sample is None:
+                exact_sample = _exact_sample(workers, sample, setup.timings)
+            stats = _recall_stats(neighbors[sample], exact_sample)
     finally:
         workers.close()
     clock = time.perf_counter()
@@ -247,6 +259,54 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
     degree = (neighbors >= 0).sum(axis=1)
     stats.update(degree_min=int(degree.min()) if n_items else 0, degree_mean=float(degree.mean()) if n_items else 0.0)
     return BuiltGraph(neighbors=neighbors, partition=partition, info=info, stats=stats)
+
+
+def is_token_pairs(approx: dict[str, Any] | None) -> bool:
+    """Whether the approximate method is token pairs (built in this process, never streamed)."""
+    return approx is not None and approx["method"] == "token_pairs"
+
+
+def _exact_sample(workers, sample: np.ndarray | None, timings: dict[str, float]) -> np.ndarray | None:
+    """Exact lists of the recall sample (None without one)."""
+    if sample is None:
+        return None
+    clock = time.perf_counter()
+    exact = workers.exact(sample)
+    timings["recall_s"] = time.perf_counter() - clock
+    return exact
+
+
+def _token_pairs(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sample, exact_sample, workers,
+                 seed: int) -> np.ndarray | None:
+    """Token-pair lists, with the shared tokens given or chosen from the sample; None when even
+    two shared tokens hold too little of the sample's lists (then ``setup`` holds a token-blocks plan).
+
+    Items that share the tokens with fewer than n_edges others (isolated ones) get exact lists, so
+    every list is full and graph decoding can leave every item."""
+    codes_np = codes.numpy()
+    shared = cfg.approx_shared_digits or choose_shared(codes_np, sample, exact_sample, cfg.approx_target_recall)
+    held = sharing_fraction(codes_np, sample, exact_sample, max(shared, 2)) if sample is not None else None
+    if shared < 2:
+        log.warning("graph: only %.3f of the sampled neighbours share 2 tokens with their item (target %.2f): "
+                    "token_blocks instead of token_pairs", held, cfg.approx_target_recall)
+        blocks = dataclasses.replace(cfg, approx_method="token_blocks")
+        setup.approx = _approx_payload(token_embeddings, codes, blocks, setup.n_edges, seed)
+        setup.info = {**_describe(setup.approx, blocks), "approx_fallback_from": "token_pairs"}
+        setup.local = len(codes_np) <= cfg.local_max_items
+        return None
+    clock = time.perf_counter()
+    threads = cfg.local_threads or torch.get_num_threads()
+    neighbors, counts = token_pair_neighbors(setup.tables, setup.codes16, setup.n_edges, shared, threads)
+    short = np.flatnonzero((neighbors >= 0).sum(axis=1) < setup.n_edges)
+    if len(short):
+        neighbors[short] = workers.exact(short)
+    setup.timings["neighbors_s"] = time.perf_counter() - clock
+    setup.info.update(approx_shared_digits=shared, shared_digits_from="config" if cfg.approx_shared_digits else
+                      f"recall sample (target {cfg.approx_target_recall})", sample_entries_sharing=held,
+                      pairs_visited=counts["visited"], pairs_scored=counts["scored"],
+                      candidates_per_item_mean=2 * counts["scored"] / max(len(codes_np), 1), threads=threads,
+                      rows_completed_exactly=int(len(short)))
+    return neighbors
 
 
 def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, graph_dir: str,
@@ -260,6 +320,8 @@ def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: 
         item_ids: (N,) int64 item id of each dense row (part files hold ids, not rows).
         Others as ``build_item_graph``.
     """
+    if cfg.resolved_mode(codes.shape[0]) == "approx" and cfg.approx_method == "token_pairs":
+        raise ValueError("approx_method token_pairs builds in one process (build_item_graph); it does not stream")
     n_items = codes.shape[0]
     setup = _setup(token_embeddings, codes, cfg, seed)
     clock = time.perf_counter()
@@ -383,6 +445,8 @@ def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, see
     """Plan the blocks, or fit the reduction and the lists or index, once in the driver; workers get copies."""
     import faiss
 
+    if cfg.approx_method == "token_pairs":
+        return {"method": "token_pairs"}  # the shared tokens are chosen once the recall sample is exact
     if cfg.approx_method == "token_blocks":
         n_digits = cfg.approx_digits or codes.shape[1]
         groups = cfg.approx_token_groups or default_groups(codes.shape[0], n_digits, token_embeddings.shape[1], n_edges)
@@ -404,6 +468,8 @@ def _approx_payload(token_embeddings, codes, cfg: GraphConfig, n_edges: int, see
 
 def _describe(approx: dict[str, Any], cfg: GraphConfig) -> dict[str, Any]:
     """What the manifest says about the approximate method actually used."""
+    if approx["method"] == "token_pairs":
+        return {"approx_method": "token_pairs"}
     if approx["method"] == "token_blocks":
         blocks = approx["blocks"]
         return {"approx_method": "token_blocks", "approx_digits": int(len(blocks.digits)),

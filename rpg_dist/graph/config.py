@@ -38,12 +38,21 @@ class GraphConfig:
     num_cpus_per_actor: float = 0.5
     # torch/faiss threads per actor (the cores it may really use).
     threads_per_actor: int = 1
-    # How approximate mode finds candidates, all scored exactly. token_blocks (graph/token_blocks.py):
+    # How approximate mode finds candidates, all scored exactly. token_pairs (graph/token_pairs.py):
+    # the pairs of items sharing at least approx_shared_digits tokens, each scored once, in this
+    # process on local_threads threads (the lists are held here, 8 bytes per edge: 8 GB at 10M x
+    # 100); 1M realistic items in 166 s at recall 0.989, 4.5x faster than token_blocks
+    # (BENCHMARKS.md). token_blocks (graph/token_blocks.py), for a cluster whose driver is small:
     # every item against the items sharing a token (group) with it at some digit -- holds on real
     # codes, whose neighbours share few digits and cluster nowhere. ivf_blocks / faiss_index
     # (graph/approx.py): k-means lists or any faiss index over reduced item vectors -- fast, but only
     # for codes that cluster cleanly (synthetic taxonomies); on real codes their recall is ~0.4.
-    approx_method: Literal["token_blocks", "ivf_blocks", "faiss_index"] = "token_blocks"
+    approx_method: Literal["token_pairs", "token_blocks", "ivf_blocks", "faiss_index"] = "token_pairs"
+    # token_pairs: tokens a pair must share to be scored (>= 2), or 0: the largest number that the
+    # exact lists of the recall sample (computed first) share with their items in at least
+    # approx_target_recall of their entries; below 2 the build falls back to token_blocks.
+    approx_shared_digits: int = 0
+    approx_target_recall: float = 0.98
     # token_blocks: digits whose blocks are used (0: all m) and token groups per digit (256: exact
     # tokens; fewer groups of similar tokens also reach neighbours that share no token; 0: the
     # most groups, a power of two <= 256, that still offer each item >= 30 x n_edges candidates:
@@ -82,6 +91,14 @@ class GraphConfig:
                 raise ConfigError(f"{name}: must be >= 1")
         if self.num_cpus_per_actor <= 0:
             raise ConfigError("num_cpus_per_actor: must be > 0")
+        if self.approx_shared_digits == 1 or self.approx_shared_digits < 0:
+            raise ConfigError(f"approx_shared_digits: {self.approx_shared_digits} must be 0 (from the recall sample) "
+                              "or >= 2")
+        if not 0 < self.approx_target_recall <= 1:
+            raise ConfigError(f"approx_target_recall: {self.approx_target_recall} must lie in (0, 1]")
+        if self.approx_method == "token_pairs" and not self.approx_shared_digits and not self.recall_sample:
+            raise ConfigError("recall_sample: approx_method token_pairs with approx_shared_digits 0 chooses the "
+                              "shared tokens from the recall sample; set recall_sample >= 1 or approx_shared_digits")
         if self.approx_candidates < self.n_edges:
             raise ConfigError(
                 f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
