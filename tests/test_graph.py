@@ -387,10 +387,13 @@ def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, mi
     codes = clustered_codes(700, n_digit, n_clusters=8, keep=0.5, seed=11)
     tables = digit_similarity_tables(random_token_table(n_digit, 256, 16, seed=11))
     want, n_pairs = _sharing_twin(tables, codes, min_shared, 15)
-    for threads, chunk in ((1, 1 << 22), (3, 40)):  # one chunk per digit pair / many, several threads
-        got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk)
-        assert np.array_equal(got, want)
-        assert counts["scored"] == n_pairs  # a pair meets in every bucket of two shared digits: scored once
+    # One chunk per digit tuple / many, several threads; buckets of 2 digits, and of 3 where r is 3
+    # (6 digits: 20 counting sorts over 2^24 keys, not 286).
+    runs = [(1, 1 << 22, 2), (3, 40, 2)] + [(2, 1 << 22, 3), (3, 40, 3)] * (min_shared == 3 and n_digit == 6)
+    for threads, chunk, width in runs:
+        got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width)
+        assert np.array_equal(got, want) and counts["width"] == width
+        assert counts["scored"] == n_pairs  # a pair meets in every bucket of its shared digits: scored once
 
 
 def test_token_pairs_build_chooses_the_shared_tokens_and_fills_every_list():
