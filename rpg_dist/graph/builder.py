@@ -294,6 +294,8 @@ def _token_pairs(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sampl
         setup.info = {**_describe(setup.approx, blocks), "approx_fallback_from": "token_pairs"}
         setup.local = len(codes_np) <= cfg.local_max_items
         return None
+    log.info("graph: token pairs sharing >= %d tokens (%s of the recall sample's exact lists share as many)",
+             shared, "n/a" if held is None else f"{held:.4f}")
     clock = time.perf_counter()
     threads = cfg.local_threads or torch.get_num_threads()
     neighbors, counts = token_pair_neighbors(setup.tables, setup.codes16, setup.n_edges, shared, threads)

@@ -104,6 +104,8 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
     totals["width"] = width
     tuples = list(itertools.combinations(range(n_digit), width))
+    log.info("graph token pairs: %d items, r %d, buckets of %d digits (%d tuples), %d threads", n_items, min_shared,
+             width, len(tuples), pool.threads)
     for done, digits in enumerate(tuples, 1):
         order, begins, sizes = _buckets(cod, digits)
         for lo, hi in _chunks(sizes, chunk_pairs):
