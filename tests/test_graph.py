@@ -429,7 +429,8 @@ def test_token_pairs_fall_back_to_token_blocks_where_neighbours_share_one_token(
     assert built.info["approx_method"] == "token_blocks" and built.info["approx_fallback_from"] == "token_pairs"
     blocks = build_item_graph(table, codes, dataclasses.replace(cfg, approx_method="token_blocks"), seed=0)
     assert np.array_equal(built.neighbors, blocks.neighbors) and built.stats == blocks.stats
-    with pytest.raises(ConfigError, match="recall_sample: approx_method token_pairs"):
-        GraphConfig(approx_method="token_pairs", recall_sample=0)
+    # Without a recall sample the shared tokens still come from 200 sampled items' exact lists.
+    unsampled = build_item_graph(table, codes, dataclasses.replace(cfg, recall_sample=0), seed=0)
+    assert unsampled.info["approx_method"] == "token_blocks" and "recall@20" not in unsampled.stats
     with pytest.raises(ConfigError, match="approx_shared_digits: 1 must be 0"):
         GraphConfig(approx_shared_digits=1)

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # defaults: ~256 queries per token group of 256, so each group's block is shared by 4 sub-blocks of 64).
 TOKEN_TASK_BLOCKS = 64
 TASKS_PER_WORKER = 4
+# token_pairs without a recall sample still needs exact lists to choose the shared tokens from.
+SHARED_SAMPLE = 200
 
 
 @dataclass
@@ -236,8 +238,10 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         exact_sample = None
         if is_token_pairs(setup.approx):
             # The sample's exact lists come first: they choose how many tokens a pair must share.
-            exact_sample = _exact_sample(workers, sample, setup.timings)
-            neighbors = _token_pairs(setup, cfg, token_embeddings, codes, sample, exact_sample, workers, seed)
+            chooser = sample if sample is not None else _recall_sample(n_items, SHARED_SAMPLE, seed)
+            exact_chooser = _exact_sample(workers, chooser, setup.timings)
+            exact_sample = exact_chooser if sample is not None else None
+            neighbors = _token_pairs(setup, cfg, token_embeddings, codes, chooser, exact_chooser, workers, seed)
             if neighbors is None:  # fell back to token blocks, whose workers hold the blocks
                 workers.close()
                 workers = _workers(setup, cfg)

@@ -49,8 +49,9 @@ class GraphConfig:
     # for codes that cluster cleanly (synthetic taxonomies); on real codes their recall is ~0.4.
     approx_method: Literal["token_pairs", "token_blocks", "ivf_blocks", "faiss_index"] = "token_pairs"
     # token_pairs: tokens a pair must share to be scored (>= 2), or 0: the largest number that the
-    # exact lists of the recall sample (computed first) share with their items in at least
-    # approx_target_recall of their entries; below 2 the build falls back to token_blocks.
+    # exact lists of the recall sample (computed first; 200 items when recall_sample is 0) share
+    # with their items in at least approx_target_recall of their entries; below 2 the build falls
+    # back to token_blocks.
     approx_shared_digits: int = 0
     approx_target_recall: float = 0.98
     # token_blocks: digits whose blocks are used (0: all m) and token groups per digit (256: exact
@@ -96,9 +97,6 @@ class GraphConfig:
                               "or >= 2")
         if not 0 < self.approx_target_recall <= 1:
             raise ConfigError(f"approx_target_recall: {self.approx_target_recall} must lie in (0, 1]")
-        if self.approx_method == "token_pairs" and not self.approx_shared_digits and not self.recall_sample:
-            raise ConfigError("recall_sample: approx_method token_pairs with approx_shared_digits 0 chooses the "
-                              "shared tokens from the recall sample; set recall_sample >= 1 or approx_shared_digits")
         if self.approx_candidates < self.n_edges:
             raise ConfigError(
                 f"approx_candidates: {self.approx_candidates} is below n_edges ({self.n_edges}); "
