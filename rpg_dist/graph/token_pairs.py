@@ -7,15 +7,16 @@ catalogue the 100 nearest share a median of 8 (first) to 3 (hundredth) of the it
 items of the million). Token blocks (token_blocks.py) score every pair sharing one token, about
 N^2 / 8 pairs; here only the pairs sharing ``r`` tokens are scored, ~N^2 C(m, r) / V^r.
 
-Visiting them: for each tuple of w digits (w = 2, or 3 when r >= 3), items are bucketed by their
-tokens there (a counting sort on one V^w key). Inside a bucket every pair is compared token by
+Visiting them: for each tuple of w digits (w = 2, or 3 when r >= 3 and the catalogue is large:
+``bucket_width``), items are bucketed by their tokens there (a counting sort on one V^w key). Inside a bucket every pair is compared token by
 token (four 64-bit words per 32 digits, no table lookups: ~12 ns a pair), and scored exactly
 (``similarity``'s float32 sum, digits in order) only when it shares at least ``r`` digits and the
 bucket's digits are its w lowest shared ones, so each pair is scored once whatever the number of
 buckets it meets in. The score is offered to both items' running top-k lists. Neighbour order and
 ties are exact mode's; the items missed are exactly those sharing fewer than ``r`` tokens with the
-item. Buckets of 3 digits hold N / 2^24 items (0.6 at 10M, against 150 for 2 digits), so the pairs
-compared are about those sharing 3 tokens rather than 2, for 4,960 counting sorts instead of 496.
+item. For uniform tokens buckets of 3 digits hold N / 2^24 items (0.6 at 10M, against 150 for 2
+digits), so the pairs compared are about those sharing 3 tokens rather than 2, for 4,960 counting
+sorts instead of 496; real catalogues are clustered and their buckets larger (BENCHMARKS.md).
 
 ``r`` comes from the data: the builder computes exact lists for its recall sample first and takes
 the largest ``r`` whose pairs hold ``target_recall`` of those lists' entries (``choose_shared``).
@@ -96,13 +97,19 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
     words = _token_words(cod)  # (N, W) uint64: 8 tokens per word, compared bytewise
     heaps = np.full((n_items, max(n_edges, 1)), MIN_KEY, np.int64)  # (N, k) min-heaps: root = worst
     worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root, read while scoring
-    pool = _Pool(threads)
-    totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": 0}
-    clock = time.perf_counter()
     width = width or bucket_width(n_items, n_digit, min_shared)
     if not 2 <= width <= min(3, min_shared):
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
-    totals["width"] = width
+    totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width}
+    with _Pool(threads) as pool:
+        neighbors = _build(tab, vocab, cod, words, heaps, worst, width, min_shared, chunk_pairs, pool, totals)
+    return neighbors, totals
+
+
+def _build(tab, vocab, cod, words, heaps, worst, width, min_shared, chunk_pairs, pool, totals) -> np.ndarray:
+    """Every tuple of ``width`` digits in turn, then the lists sorted best first."""
+    n_items, n_digit = cod.shape
+    clock = time.perf_counter()
     tuples = list(itertools.combinations(range(n_digit), width))
     log.info("graph token pairs: %d items, r %d, buckets of %d digits (%d tuples), %d threads", n_items, min_shared,
              width, len(tuples), pool.threads)
@@ -115,9 +122,9 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
             log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, len(tuples),
                      "triples" if width == 3 else "pairs", totals["visited"], totals["scored"],
                      time.perf_counter() - clock)
-    neighbors = np.full((n_items, n_edges), -1, np.int32)
+    neighbors = np.full(heaps.shape, -1, np.int32)
     pool.map_rows(n_items, lambda lo, hi: _sorted_rows(heaps, neighbors, lo, hi))
-    return neighbors, totals
+    return neighbors
 
 
 def bucket_width(n_items: int, n_digit: int, min_shared: int) -> int:
@@ -138,6 +145,13 @@ class _Pool:
     def __init__(self, threads: int) -> None:
         self.threads = max(1, threads)
         self.executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def map_rows(self, n_rows: int, fn) -> list:
         """``fn(lo, hi)`` over ``threads`` equal row ranges."""
