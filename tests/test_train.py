@@ -177,14 +177,16 @@ def test_local_training_learns_exports_and_logs(synth_dataset, tmp_path):
     assert metrics_from_sums(sums, [5, 10])["ndcg@10"] == pytest.approx(summary["best_val_ndcg@10"], abs=1e-6)
 
 
-def test_golden_losses(synth_dataset, tmp_path):
-    """The debug config's first steps reproduce the checked-in losses (seeded init, data, dropout)."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_golden_losses(synth_dataset, tmp_path, compiled):
+    """The debug config's first steps reproduce the checked-in losses (seeded init, data, dropout),
+    with the label loss in eager mode and through torch.compile (train.compile)."""
     from rpg_dist.train.stage import train
 
     run_dir = new_run(synth_dataset, str(tmp_path / "run"))
-    train(debug_config(synth_dataset, run_dir, "train.max_steps=8"))
+    train(debug_config(synth_dataset, run_dir, "train.max_steps=8", f"train.compile={str(compiled).lower()}"))
     losses = logged_losses(run_dir)
-    if os.environ.get("RPG_UPDATE_GOLDEN") == "1":
+    if os.environ.get("RPG_UPDATE_GOLDEN") == "1" and not compiled:
         GOLDEN.write_text(json.dumps({"config": "tests/assets/debug.yaml", "max_steps": 8, "losses": losses}, indent=2) + "\n")
     golden = json.loads(GOLDEN.read_text())["losses"]
     # Tolerance covers BLAS summation order across CPUs; a changed init, batch or loss moves the
@@ -437,3 +439,19 @@ def test_ray_train_records_no_credentials_but_workers_get_them(ray_local):
         assert value not in text
     storage = ray_local.get(recorded["storage"])
     assert (storage.key, storage.secret, storage.options["token"]) == (secrets["key"], secrets["secret"], secrets["token"])
+
+
+def test_compile_without_a_compiler_is_refused_before_training(monkeypatch, tmp_path):
+    """train.compile on a worker without a C++ compiler: a clear error naming the field, not an
+    inductor traceback at the first step."""
+    import shutil
+
+    from rpg_dist.errors import StageError
+    from rpg_dist.train.engine import check_compile_toolchain
+
+    assert shutil.which("g++") or shutil.which("c++"), "this check needs a compiler on the test machine"
+    check_compile_toolchain(torch.device("cpu"))  # found: no error
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler on the PATH
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(StageError, match=r"train\.compile: no C\+\+ compiler .*train\.compile=false"):
+        check_compile_toolchain(torch.device("cpu"))

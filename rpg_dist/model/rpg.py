@@ -197,6 +197,8 @@ class RPG(nn.Module):
         self.head_weight = nn.Parameter(torch.empty(n_digit, d, d))  # (m, d, d)
         self.head_bias = nn.Parameter(torch.empty(n_digit, d))  # (m, d)
         self.reset_parameters()
+        # ``label_loss`` through torch.compile once ``compile_label_loss`` is called (training only).
+        self._compiled_label_loss = None
 
     @property
     def n_items(self) -> int:
@@ -295,14 +297,25 @@ class RPG(nn.Module):
         labels = targets.reshape(-1).index_select(0, packing.index)  # (P,)
         labelled = (labels != PAD).nonzero().squeeze(1)  # (N,)
         hidden = self.hidden_states(items, packing, labelled)  # (N, d)
-        states = self.digit_states(hidden)  # (m, d, N)
-        logits = self.digit_logits(states)  # (m, N, V)
         codes = self.item_codes[labels.index_select(0, labelled)].long().t()  # (m, N)
-        total = F.cross_entropy(
-            logits.reshape(-1, self.codebook_size).float(), codes.reshape(-1), reduction="sum"
-        )
+        total = (self._compiled_label_loss or self.label_loss)(hidden, codes)
         count = labelled.numel() if denominator is None else denominator
         return total / (self.n_digit * count)
+
+    def label_loss(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every digit's cosine logits, summed: hidden (N, d), codes (m, N) -> scalar."""
+        logits = self.digit_logits(self.digit_states(hidden))  # (m, N, V)
+        return F.cross_entropy(logits.reshape(-1, self.codebook_size).float(), codes.reshape(-1), reduction="sum")
+
+    def compile_label_loss(self) -> None:
+        """Run ``label_loss`` (heads, cosine logits, cross-entropy) through torch.compile.
+
+        Half of a CPU training step outside the GEMMs is elementwise work on the (m, d, N) head
+        states and the (m, N, V) logits (SiLU, residual, norms, scaling, dtype casts, softmax),
+        each a separate pass in eager mode; inductor fuses them. Shapes are dynamic (N varies by
+        batch), so one compilation serves the run; the first step pays for it.
+        """
+        self._compiled_label_loss = torch.compile(self.label_loss, dynamic=True)
 
     def next_token_log_probs(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Per-digit log-probabilities of the next item's tokens after each sequence.

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 from typing import Any
 
 import torch
 
+from rpg_dist.errors import StageError
 from rpg_dist.model.rpg import RPG
 from rpg_dist.train.config import TrainConfig
 
@@ -66,15 +69,28 @@ def build_engine(model: RPG, cfg: TrainConfig, total_steps: int):
     """
     import deepspeed
 
+    # fused: one kernel per parameter for the whole update (CPU and CUDA), the same arithmetic as
+    # the per-op loop, which on CPU took ~0.05 s of a 0.6 s Beauty step.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_for(total_steps), total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
     return engine
+
+
+def check_compile_toolchain(device: torch.device) -> None:
+    """train.compile needs a C compiler where the worker runs: inductor builds C++ kernels on CPU,
+    and triton builds its launcher with one on GPU. Refuse before the first step, not inside it."""
+    names = ("CXX", "g++", "c++", "clang++") if device.type == "cpu" else ("CC", "gcc", "cc", "clang")
+    found = [n for n in names if (os.environ.get(n) if n.isupper() else shutil.which(n))]
+    if not found:
+        raise StageError(f"train.compile: no C{'++' if device.type == 'cpu' else ''} compiler on "
+                         f"{os.uname().nodename} (looked for {', '.join(names)}); install one "
+                         "(e.g. build-essential) or set train.compile=false")
 
 
 def autocast(cfg: TrainConfig, device: torch.device):

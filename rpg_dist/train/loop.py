@@ -97,6 +97,9 @@ class Trainer:
             raise StageError(f"train.batch_size: {self.tc.batch_size} leaves no full step per epoch "
                              f"for {self.manifest['n_windows']} windows")
         self.steps_per_epoch = self.micro_per_epoch // self.tc.grad_accum_steps
+        if self.tc.compile:
+            engine_lib.check_compile_toolchain(runtime.device)
+            model.compile_label_loss()
         self.engine = engine_lib.build_engine(model.to(runtime.device), self.tc, self.steps_per_epoch * self.tc.epochs)
         self.autocast = engine_lib.autocast(self.tc, runtime.device)
         self.train_batches = self._train_source()
@@ -106,6 +109,7 @@ class Trainer:
                                         "node_id": runtime.node_id}, runtime.world_size)
         self.sinks = MetricSinks(runtime.is_main, self.paths.tensorboard, self.storage)
         self.train_seconds = 0.0
+        self.first_step_seconds: float | None = None
         self._grad_norm_before_step: torch.Tensor | None = None
         self.state = self._resume_or_start()
 
@@ -224,7 +228,10 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         epoch_start = time.perf_counter()
         for micro in _chunks(batches, accum):
+            step_start = time.perf_counter()
             step_loss = self._train_step(micro)
+            if self.first_step_seconds is None:  # this process's first: compilation, warm-up
+                self.first_step_seconds = time.perf_counter() - step_start
             loss_sum += step_loss.double()
             n_steps, window_steps = n_steps + 1, window_steps + 1
             state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
@@ -356,7 +363,7 @@ class Trainer:
             "epochs_run": s.history[-1]["epoch"] if s.history else s.epoch, "steps": s.step,
             "best_epoch": s.best_epoch, f"best_val_{VAL_METRIC}": s.best_ndcg, "best_val": s.best_metrics,
             "stopped": s.stopped, "resumed_from_step": s.resumed_from, "wall_time_s": round(elapsed, 2),
-            "train_seconds": round(self.train_seconds, 2),
+            "train_seconds": round(self.train_seconds, 2), "first_step_seconds": round(self.first_step_seconds or 0.0, 2),
             "val_seconds": round(sum(h.get("val_seconds", 0.0) for h in s.history), 2),
             "seq_per_s": round(sequences / max(self.train_seconds, 1e-9), 1), "world_size": self.rt.world_size,
             "zero_stage": self.tc.zero_stage, "precision": engine_lib.resolved_precision(self.tc),
