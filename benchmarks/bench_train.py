@@ -198,7 +198,9 @@ def paper_style_loss(model: RPG, items: torch.Tensor, lengths: torch.Tensor, tar
 
 
 def reference_steps(dataset: str, run_dir: str, config: str, n_steps: int) -> None:
-    """Median fp32 step time (forward, backward, AdamW) of the packed model vs the padded reference."""
+    """Median step time (forward, backward, AdamW) of the padded reference formulation (fp32, torch's
+    default AdamW, as the reference code trains) beside ours: packed, fused AdamW, eager or compiled,
+    fp32 or bf16-autocast. Every variant takes the same batches from the same initial weights."""
     from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
     from rpg_dist.train.windows import collate_windows, read_range_shard
 
@@ -206,25 +208,40 @@ def reference_steps(dataset: str, run_dir: str, config: str, n_steps: int) -> No
     codes = torch.from_numpy(load_semantic_ids(RunPaths(run_dir).semantic_ids).codes)
     windows = read_range_shard(os.path.join(run_dir, "windows", "train"), 0, 1)
     rng = np.random.default_rng(0)
-    timings: dict[str, list[float]] = {"packed (ours)": [], "padded to 50 (reference)": []}
+    batches = [collate_windows(windows.take(rng.choice(len(windows), 256, replace=False))) for _ in range(n_steps + 1)]
     torch.manual_seed(0)
-    model = RPG(cfg.model, codes.shape[1], 256, codes).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(n_steps):
-        batch = collate_windows(windows.take(rng.choice(len(windows), 256, replace=False)))
-        padded = {k: F.pad(v, (0, cfg.model.max_seq_len - v.shape[1]), value=PAD) if v.dim() == 2 else v
-                  for k, v in batch.items()}
-        for name, fn, inputs in (("packed (ours)", model, batch),
-                                 ("padded to 50 (reference)", lambda *a: paper_style_loss(model, *a), padded)):
+    weights = RPG(cfg.model, codes.shape[1], 256, codes).state_dict()
+    variants = {  # name: (padded reference, bf16 autocast, compiled label loss)
+        "padded to 50 (reference), fp32": (True, False, False),
+        "packed (ours), fp32": (False, False, False),
+        "packed (ours), fp32, compiled": (False, False, True),
+        "packed (ours), bf16-autocast": (False, True, False),
+        "packed (ours), bf16-autocast, compiled": (False, True, True),
+    }
+    medians = {}
+    for name, (padded, bf16, compiled) in variants.items():
+        model = RPG(cfg.model, codes.shape[1], 256, codes).train()
+        model.load_state_dict(weights)
+        if compiled:
+            model.compile_label_loss()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=not padded)
+        loss_fn = (lambda *a, model=model: paper_style_loss(model, *a)) if padded else model
+        times = []
+        for batch in batches:  # the first step warms up (and compiles): not timed
+            inputs = ({k: F.pad(v, (0, cfg.model.max_seq_len - v.shape[1]), value=PAD) if v.dim() == 2 else v
+                       for k, v in batch.items()} if padded else batch)
             start = time.perf_counter()
-            loss = fn(inputs["items"], inputs["lengths"], inputs["targets"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(inputs["items"], inputs["lengths"], inputs["targets"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            timings[name].append(time.perf_counter() - start)
-    ours, ref = (statistics.median(v) for v in timings.values())
-    print(f"\nfp32 step of 256 windows, median of {n_steps} ({torch.get_num_threads()} threads): "
-          f"packed {ours:.3f} s, padded-to-50 reference {ref:.3f} s, ratio {ref / ours:.1f}x")
+            times.append(time.perf_counter() - start)
+        medians[name] = statistics.median(times[1:])
+    reference = medians["padded to 50 (reference), fp32"]
+    print(f"\nstep of 256 windows, median of {n_steps} after one warm-up step ({torch.get_num_threads()} threads):")
+    for name, seconds in medians.items():
+        print(f"  {name:42} {seconds:7.3f} s   {reference / seconds:5.1f}x the padded reference")
 
 
 if __name__ == "__main__":
