@@ -30,9 +30,10 @@ class DecodeConfig:
     # item scored: the exact top-k of the model's score), or auto: full ranking up to
     # full_ranking_max_items, graph decoding above. Why a size: full ranking is a blocked scan of m
     # lookups per item (linear in items), graph decoding costs what it visits (~b x k x q items).
-    # Measured on 2 cores (BENCHMARKS.md): 12,101 items, full ranking 27,590 q/s against 1,732 for
-    # graph decoding (b 20, k 200, q 3); 1M items, 791 against 1,824 (b 20, k 100, q 3). Full
-    # ranking's rate scaled linearly meets graph decoding's near 400k items; 200k leaves margin.
+    # Measured on 2 cores (BENCHMARKS.md, issue 18 table; b 20, k 200, q 3, random graphs above
+    # Beauty): full ranking against graph decoding 28,324 vs 10,134 q/s at 12,101 items, 3,630 vs
+    # 4,177 at 100k, 1,685 vs 2,045 at 300k, 482 vs 2,646 at 1M. Between 100k and 300k the two cost
+    # about the same, and full ranking is exact: it keeps that range.
     method: Literal["auto", "graph", "full"] = "auto"
     full_ranking_max_items: int = 200_000
 
