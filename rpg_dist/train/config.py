@@ -48,8 +48,8 @@ class TrainConfig:
     # weights, fp32 master copy). "bf16-autocast": fp32 weights and optimizer, bf16 matmuls under
     # torch.autocast (about 2x faster on CPUs with avx512_bf16).
     precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-autocast"] = "auto"
-    # torch.compile the digit heads, cosine logits and loss (RPG.compile_label_loss): a Beauty step
-    # 0.60 -> 0.44 s in bf16 on a 2-core CPU (BENCHMARKS.md). Needs a C++ compiler on CPU (triton on
+    # torch.compile the digit heads, cosine logits and loss (RPG.compile_label_loss): a bf16 Beauty step
+    # 0.53 -> 0.45 s in the trainer on a 2-core CPU (BENCHMARKS.md). Needs a C++ compiler on CPU (triton on
     # GPU) and costs ~5-30 s at the first step of each process; off for short runs and tests.
     compile: bool = False
     # A new order of all the windows every epoch (seeded by seed and epoch), dealt to the workers:
