@@ -86,16 +86,16 @@ def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, fi
     vocab = log_probs.shape[1] // n_digit
     divisor = np.float32(n_digit)
     beam = np.empty(b, np.int64)
-    batch = np.empty(max(b, k + 1), np.int64)  # this round's candidates, new to the step
-    fresh = np.empty(max(b, k + 1), np.int64)  # those of them new to the query (to be scored)
-    sums = np.empty(max(b, k + 1), np.float32)
+    batch = np.empty(max(b, k), np.int64)  # this round's candidates, new to the step
+    fresh = np.empty(max(b, k), np.int64)  # those of them new to the query (to be scored)
+    sums = np.empty(max(b, k), np.float32)
     for q in range(c):
         query_stamp = first + q * (steps + 2)
         lp = log_probs[q]
         top = keys[q]
         top[:] = MIN_KEY
         step_stamp = query_stamp + 1
-        count = _round(start[q], b, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp, step_stamp,
+        count = _round(start[q], lp, codes, vocab, divisor, seen, in_step, cached, query_stamp, step_stamp,
                        top, batch, fresh, sums)
         for step in range(steps):
             step_stamp = query_stamp + 2 + step
@@ -105,17 +105,17 @@ def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, fi
             for j in range(b):
                 # A beam item, then its list: one round each (the same candidates in the same order
                 # as offering them one by one; the top-b of distinct keys does not depend on order).
-                count += _round(beam[j : j + 1], 1, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp,
+                count += _round(beam[j : j + 1], lp, codes, vocab, divisor, seen, in_step, cached, query_stamp,
                                 step_stamp, top, batch, fresh, sums)
-                count += _round(neighbors[beam[j]], k, lp, codes, vocab, divisor, seen, in_step, cached,
+                count += _round(neighbors[beam[j]], lp, codes, vocab, divisor, seen, in_step, cached,
                                 query_stamp, step_stamp, top, batch, fresh, sums)
         visited[q] = count
 
 
 @njit(inline="always", boundscheck=False)
-def _round(items, n, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp, step_stamp, top, batch, fresh,
+def _round(items, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp, step_stamp, top, batch, fresh,
            sums):
-    """Offer ``items[:n]`` (-1 = none) to this step's top-b, each once per step; returns how many were
+    """Offer ``items`` (-1 = none) to this step's top-b, each once per step; returns how many were
     scored for the first time in this query.
 
     The new items are scored together, digit by digit across items: each item's sum still adds its
@@ -123,7 +123,7 @@ def _round(items, n, lp, codes, vocab, divisor, seen, in_step, cached, query_sta
     independent, so the CPU overlaps them instead of waiting on one add after another.
     """
     n_batch, n_fresh = 0, 0
-    for i in range(n):
+    for i in range(items.shape[0]):
         item = items[i]
         if item < 0 or in_step[item] == step_stamp:
             continue
