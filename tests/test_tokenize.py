@@ -55,6 +55,35 @@ def test_twin_sees_a_wrong_centroid():
     assert not np.array_equal(opq.brute_force_codes(index, x), codes)
 
 
+@pytest.mark.parametrize(("n_digit", "pca_dim"), [(8, 0), (16, 32)])
+def test_blas_assignment_trains_as_well_as_faiss_per_pair_search(n_digit, pca_dim):
+    """Training assigns k-means points through GEMMs at every size (opq.blas_assignment); faiss's
+    default at this size calls its per-pair search. Same algorithm: the reconstruction error of the
+    whole index (transforms, OPQ, PQ) must match, and faiss's global setting is left as it was."""
+    import faiss
+
+    x = clustered(3000, 64, 11)
+    cfg = TokenizeConfig(n_digit=n_digit, pca_dim=pca_dim, opq_niter=6)
+    before = faiss.cvar.distance_compute_blas_threshold
+    assert 3000 * 64 // n_digit < before  # this size takes faiss's per-pair search by default
+    fast = opq.train_index(x, cfg, seed=0, threads=1)
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    default = opq.build_index(x.shape[1], cfg, seed=0)
+    if pca_dim:
+        rows = np.sort(np.random.default_rng(0).choice(len(x), size=min(len(x), cfg.pca_sample_size), replace=False))
+        default.chain.at(0).train(np.ascontiguousarray(x[rows]))
+    default.train(x)
+
+    def error(index):  # in the space after PCA (shared by both), where OPQ's rotation is orthonormal
+        projected = x
+        for i in range(index.chain.size()):
+            projected = index.chain.at(i).apply(projected)
+        decoded = faiss.downcast_index(index.index).sa_decode(index.sa_encode(x))
+        return float(((decoded - projected) ** 2).sum(1).mean())
+
+    assert abs(error(fast) / error(default) - 1) < 0.02
+
+
 def test_train_is_seeded():
     x = clustered(800, 32, 4)
     cfg = TokenizeConfig(n_digit=8, opq_niter=2)
