@@ -20,6 +20,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.decode.transitions import Transitions, rerank
 from rpg_dist.decode.sharded import ShardedGraphDecoder
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import right_pad
@@ -64,7 +65,8 @@ class Recommender:
     """
 
     def __init__(self, model, item_ids: np.ndarray, titles: np.ndarray, neighbors: torch.Tensor | None,
-                 popularity: torch.Tensor, decode: DecodeConfig, max_seq_len: int) -> None:
+                 popularity: torch.Tensor, decode: DecodeConfig, max_seq_len: int,
+                 transitions: Transitions | None = None) -> None:
         from rpg_dist.data.items import ItemIndex
 
         self.model = model
@@ -74,6 +76,8 @@ class Recommender:
         self.popularity = popularity  # (N,) int64 training occurrences (popular / history starts)
         self.decode_cfg = decode
         self.max_seq_len = max_seq_len
+        # Training successors for the transition prior (decode.transition_weight > 0), else None.
+        self.transitions = transitions
         # GraphDecoder copies the codes into its layout once: one decoder per beam width, reused.
         self._decoders: dict[int, GraphDecoder] = {}
         # (N,) items taken out of the catalogue (catalogue.py): never answered, never a neighbour.
@@ -99,7 +103,7 @@ class Recommender:
         from rpg_dist.config import read_run_config
         from rpg_dist.data.dataset import read_items, read_sequences
         from rpg_dist.data.splits import leave_one_out
-        from rpg_dist.evaluation.stage import popularity
+        from rpg_dist.evaluation.stage import popularity, training_transitions
         from rpg_dist.graph.store import load_graph
         from rpg_dist.model.export import load_model
         from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
@@ -114,11 +118,13 @@ class Recommender:
             neighbors = torch.from_numpy(load_graph(run_dir, index, storage).neighbors)
         titles = _titles(read_items(cfg.dataset, storage, columns=None), index)
         decode = dataclasses.replace(cfg.decode, start=start or cfg.decode.start, method=method or cfg.decode.method)
-        counts = torch.zeros(len(index), dtype=torch.int64)
-        if decode.start != "random":
+        counts, transitions = torch.zeros(len(index), dtype=torch.int64), None
+        if decode.start != "random" or decode.transition_weight:
             split = leave_one_out(read_sequences(cfg.dataset, storage), max_len=cfg.model.max_seq_len)
             counts = popularity(split.train, index)
-        recommender = cls(model, index.item_ids, titles, neighbors, counts, decode, cfg.model.max_seq_len)
+            transitions = training_transitions(cfg, split.train, index)
+        recommender = cls(model, index.item_ids, titles, neighbors, counts, decode, cfg.model.max_seq_len,
+                          transitions)
         if changes:
             from rpg_dist import catalogue
 
@@ -175,7 +181,8 @@ class Recommender:
         if full_ranking or self.decoding == "full_ranking":
             # Withdrawn items can take places too (graph lists never hold them).
             width = min(n_items, int(need.max()) + int(self.withdrawn.sum()))
-            rows, scores = full_ranking_topk(log_probs, self.model.item_codes, width)
+            rows, scores = self._with_prior(log_probs, items, lengths,
+                                            *full_ranking_topk(log_probs, self.model.item_codes, width))
             visited = torch.full((len(lengths),), n_items, dtype=torch.int64)
             return _keep_top(rows, scores, visited, items, exclude, k, self.withdrawn)
         beams = beam_widths(need, self.decode_cfg.num_beams, n_items)
@@ -189,7 +196,17 @@ class Recommender:
             group = torch.nonzero(beams == b).squeeze(1)
             result = self._decode(log_probs[group], items[group], lengths[group], b)
             rows[group, :b], scores[group, :b], visited[group] = result.items, result.scores, result.n_visited
+        rows, scores = self._with_prior(log_probs, items, lengths, rows, scores)
         return _keep_top(rows, scores, visited, items, exclude, k, self.withdrawn)
+
+    def _with_prior(self, log_probs: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor,
+                    scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranked (B, K) ``rows`` and ``scores`` with the transition prior added, when configured."""
+        if self.transitions is None:
+            return rows, scores
+        last = items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
+        return rerank(log_probs, self.model.item_codes, rows, scores, last, self.transitions,
+                      self.decode_cfg.transition_weight, rows.shape[1], self.withdrawn)
 
     def _decode(self, log_probs: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, beams: int):
         decode = dataclasses.replace(self.decode_cfg, num_beams=beams)
@@ -226,6 +243,8 @@ class Recommender:
         titles_all = np.empty(len(all_ids), dtype=object)
         titles_all[to_row.numpy()] = np.concatenate([self.titles, np.array(list(titles), dtype=object)])
         self.popularity = _moved(self.popularity, old, len(all_ids), 0)
+        if self.transitions is not None:
+            self.transitions = self.transitions.moved(old.numpy(), len(all_ids))
         self.withdrawn = _moved(self.withdrawn, old, len(all_ids), False)
         self.index, self.titles = index, titles_all
         self.model.item_codes = codes_all

@@ -145,3 +145,47 @@ def test_bad_new_items_are_clear_errors_and_change_nothing(run_copy, tmp_path):
     out = _cli("withdraw-items", "--run", run_copy, "--ids", "5,99999")
     assert out.returncode == 2 and "99999 is not in the catalogue" in out.stderr
     assert catalogue.current(run_copy)["version"] == 0
+
+
+def test_the_transition_prior_answers_like_its_twin_before_and_after_added_items(run_copy):
+    """decode.transition_weight in `recommend`: full ranking equals scoring every item with the
+    prior (test_transitions' twin over item ids), and the counts follow items when rows move."""
+    import yaml
+
+    from rpg_dist.config import read_run_config
+    from rpg_dist.data.dataset import read_sequences
+    from rpg_dist.data.splits import leave_one_out
+    from rpg_dist.decode.scoring import item_scores
+
+    from test_transitions import twin_successors
+
+    config = Path(run_copy) / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw.setdefault("decode", {})["transition_weight"] = 1.5
+    config.write_text(yaml.safe_dump(raw))
+    train = leave_one_out(read_sequences(read_run_config(run_copy).dataset), max_len=50).train.to_pylist()
+    successors = twin_successors(train, 100)  # by item id
+    histories = [s[:3] for s in train[:12] if len(s) >= 3]
+
+    def twin(recommender: Recommender) -> list[list[int]]:
+        items, lengths = recommender._batch(histories)
+        with torch.no_grad():
+            scores = item_scores(recommender.model.next_token_log_probs(items, lengths), recommender.model.item_codes)
+        ids = recommender.index.item_ids
+        out = []
+        for history, row_scores in zip(histories, scores):
+            for item, bonus in successors.get(history[-1], []):
+                row = int(recommender.index.rows(np.array([item]))[0])
+                row_scores[row] = row_scores[row] + 1.5 * torch.tensor(bonus, dtype=torch.float32)
+            out.append([int(ids[j]) for j in sorted(range(len(ids)), key=lambda j: (-float(row_scores[j]), j))[:10]])
+        return out
+
+    recommender = Recommender.load(run_copy, method="full")
+    assert recommender.transitions is not None
+    got = [[r.item_id for r in recs] for recs in recommender.recommend(histories, k=10, full_ranking=True)]
+    assert got == twin(recommender)
+    assert 0 not in set(recommender.index.item_ids.tolist())  # a new lowest id: every row moves
+    recommender.add_items(np.array([0, 6001]), np.zeros((2, recommender.model.item_codes.shape[1]), np.int16),
+                          ["first", "last"])
+    got = [[r.item_id for r in recs] for recs in recommender.recommend(histories, k=10, full_ranking=True)]
+    assert got == twin(recommender)

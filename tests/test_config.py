@@ -26,6 +26,16 @@ def test_shipped_configs_exist():
     assert {"demo.yaml", "beauty.yaml"} <= names
 
 
+def test_recommended_beauty_config_differs_from_the_papers_only_where_measured():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    paper, best = (to_dict(load_config(str(configs / name))) for name in ("beauty.yaml", "beauty-recommended.yaml"))
+    changed = {(section, key) for section in paper if isinstance(paper[section], dict)
+               for key in paper[section] if paper[section][key] != best[section][key]}
+    assert changed == {("tokenize", "collaborative_weight"), ("train", "lr"), ("train", "warmup_steps"),
+                       ("train", "epochs"), ("decode", "transition_weight")}
+    assert best["decode"]["transition_weight"] == 2.0 and best["tokenize"]["collaborative_weight"] == 0.75
+
+
 def test_beauty_config_holds_the_papers_settings():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "beauty.yaml"))
     # Written from the paper's code (RPG_KDD2025), not from beauty.yaml: README = its README.md

@@ -24,6 +24,7 @@ from rpg_dist.model.config import ModelConfig
 from rpg_dist.model.export import model_metadata, save_model, semantic_ids_fingerprint
 from rpg_dist.model.rpg import RPG
 from rpg_dist.tokenizer.semantic_ids import load_semantic_ids, write_semantic_ids
+from test_transitions import twin_successors
 
 
 def test_ranking_metrics_hand_computed():
@@ -83,16 +84,23 @@ def _cfg(run_dir: str, dataset: str, **decode):
     })
 
 
-def _brute_force_full_ranking(model: RPG, dataset: str, index: ItemIndex, split: str) -> dict[str, float]:
-    """One query at a time: score every item, argsort, find the target."""
+def _brute_force_full_ranking(model: RPG, dataset: str, index: ItemIndex, split: str,
+                              prior: tuple[float, int] = (0.0, 1)) -> dict[str, float]:
+    """One query at a time: score every item, argsort, find the target. ``prior``: (transition
+    weight, successors kept), the counts taken from the training sequences as the definition says."""
     loo = leave_one_out(read_sequences(dataset), max_len=50)
     examples = getattr(loo, split)
+    weight, max_successors = prior
+    successors = twin_successors([index.rows(np.array(s)).tolist() for s in loo.train.to_pylist()], max_successors)
     ranks = []
     with torch.no_grad():
         for history, target in zip(examples.histories.to_pylist(), examples.targets.tolist()):
             rows = torch.from_numpy(index.rows(np.array(history))).unsqueeze(0)
             lp = model.next_token_log_probs(rows, torch.tensor([len(history)]))
-            scores = item_scores(lp, model.item_codes)[0].numpy()
+            scores = item_scores(lp, model.item_codes)[0]
+            for item, bonus in successors.get(int(rows[0, -1]), []) if weight else []:
+                scores[item] = scores[item] + weight * torch.tensor(bonus, dtype=torch.float32)
+            scores = scores.numpy()
             order = np.lexsort((np.arange(len(scores)), -scores))
             ranks.append(int(np.flatnonzero(order == index.rows(np.array([target]))[0])[0]))
     ranks = np.array(ranks)
@@ -128,19 +136,42 @@ def test_evaluate_end_to_end(tmp_path, synth_dataset, ray_local):
     assert n_items == len(index)
 
 
-def test_graph_decoding_with_every_item_in_the_beam_equals_full_ranking(tmp_path, synth_dataset, ray_local):
+def test_evaluate_with_the_transition_prior_equals_brute_force(tmp_path, synth_dataset, ray_local):
+    """decode.transition_weight: full ranking reranked with the training successors equals scoring
+    every item with the prior; counts from any split but training would change the figures."""
+    run_dir = str(tmp_path / "run")
+    model = _tiny_untrained_run(run_dir, synth_dataset)
+    cfg = _cfg(run_dir, synth_dataset, transition_weight=2.0, max_successors=3)
+    build_graph(cfg)
+    metrics = evaluate(cfg)
+    index = load_semantic_ids(RunPaths(run_dir).semantic_ids).index
+    for split in ("val", "test"):
+        expected = _brute_force_full_ranking(model, synth_dataset, index, split, prior=(2.0, 3))
+        without = _brute_force_full_ranking(model, synth_dataset, index, split)
+        assert metrics[f"{split}_full_ranking"]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
+        assert metrics[f"{split}_full_ranking"]["recall@10"] == pytest.approx(expected["recall@10"])
+        assert expected["ndcg@10"] > without["ndcg@10"]  # the prior matters on this data
+    assert metrics["decode"]["transition_weight"] == 2.0
+
+
+@pytest.mark.parametrize("transition_weight", [0.0, 1.0])
+def test_graph_decoding_with_every_item_in_the_beam_equals_full_ranking(tmp_path, synth_dataset, ray_local,
+                                                                         transition_weight):
     # b = N: the beam holds the whole catalogue, so decoding must rank exactly like full ranking.
     run_dir = str(tmp_path / "run")
     _tiny_untrained_run(run_dir, synth_dataset)
     n_items = read_info(synth_dataset).n_items
-    cfg = _cfg(run_dir, synth_dataset, num_beams=n_items, steps=1, batch_size=64)
+    cfg = _cfg(run_dir, synth_dataset, num_beams=n_items, steps=1, batch_size=64,
+               transition_weight=transition_weight)
     build_graph(cfg)
     metrics = evaluate(cfg)
     for split in ("val", "test"):
         graph = {k: v for k, v in metrics[split].items() if k.startswith(("recall", "ndcg"))}
         full = {k: v for k, v in metrics[f"{split}_full_ranking"].items() if k.startswith(("recall", "ndcg"))}
         assert graph == full
-        assert metrics[split]["n_visited_items"] == n_items
+        # The prior's successors count as visited too (an upper bound on distinct items).
+        visited = metrics[split]["n_visited_items"]
+        assert visited == n_items if not transition_weight else visited > n_items
 
 
 def test_evaluate_sharded_equals_in_process(tmp_path, synth_dataset, ray_local):

@@ -30,6 +30,7 @@ from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import EvalExamples, leave_one_out
 from rpg_dist.decode.graph_decode import GraphDecoder, popular_start_items, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.decode.transitions import Transitions, count_transitions, rerank
 from rpg_dist.errors import ConfigError
 from rpg_dist.evaluation.metrics import ranking_metrics
 from rpg_dist.model.rpg import right_pad
@@ -80,6 +81,14 @@ def popularity(train: pa.ListArray, index: ItemIndex) -> torch.Tensor:
     return torch.from_numpy(np.bincount(rows, minlength=len(index)).astype(np.int64))
 
 
+def training_transitions(cfg: Config, train: pa.ListArray, index: ItemIndex) -> Transitions | None:
+    """The transition prior's counts from the training sequences (None when decode.transition_weight is 0)."""
+    if not cfg.decode.transition_weight:
+        return None
+    rows = index.rows(train.flatten().to_numpy(), what="training sequences")
+    return count_transitions(train, rows, len(index), cfg.decode.max_successors)
+
+
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate the run's model on val and test; merge the metrics into ``metrics.json`` and return them."""
     from rpg_dist.model.export import load_model
@@ -92,13 +101,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     index = _item_index(cfg)  # the same ItemIndex load_model checked the codes against
     split = leave_one_out(read_sequences(cfg.dataset, cfg.storage), max_len=cfg.model.max_seq_len)
     counts = popularity(split.train, index)
+    prior = training_transitions(cfg, split.train, index)
     timings["load_s"] = time.perf_counter() - clock
     decoder, close, neighbors = _decoder(cfg, codes, index, timings)
     metrics: dict[str, Any] = {}
     try:
         for name, examples in (("val", split.val), ("test", split.test)):
             queries = to_queries(sample_examples(examples, cfg.eval.max_users, cfg.seed), index, name)
-            graph, full = _evaluate_split(cfg, model, codes, (decoder, neighbors), counts, queries, name, timings)
+            graph, full = _evaluate_split(cfg, model, codes, (decoder, neighbors), (counts, prior), queries, name,
+                                          timings)
             metrics[name] = graph
             if full is not None:
                 metrics[f"{name}_full_ranking"] = full
@@ -148,9 +159,12 @@ def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[s
 
 
 @torch.no_grad()
-def _evaluate_split(cfg: Config, model, codes, graph_decoder, counts, queries: Queries, name: str, timings):
-    """Graph-decoding metrics (with n_visited_items) and full-ranking metrics of one split."""
+def _evaluate_split(cfg: Config, model, codes, graph_decoder, training, queries: Queries, name: str, timings):
+    """Graph-decoding metrics (with n_visited_items) and full-ranking metrics of one split.
+
+    ``training``: (popularity (N,), the transition prior or None)."""
     decoder, neighbors = graph_decoder
+    counts, prior = training
     ks, top_k = cfg.eval.ks, max(cfg.eval.ks)
     generator = torch.Generator().manual_seed(cfg.decode.seed)
     graph_ranked, full_ranked, visited = [], [], []
@@ -164,12 +178,13 @@ def _evaluate_split(cfg: Config, model, codes, graph_decoder, counts, queries: Q
         start = start_items(cfg.decode, items, lengths, neighbors, counts, codes.shape[0], generator)
         result = decoder.decode(log_probs, start, top_k)
         _add_step_stats(traffic, getattr(decoder, "step_stats", []))
-        graph_ranked.append(result.items.numpy())
-        visited.append(result.n_visited.numpy())
+        graph_ranked.append(_with_prior(cfg, prior, log_probs, codes, result.items, result.scores, items, lengths))
+        visited.append(result.n_visited.numpy() + _n_successors(prior, items, lengths))
         spent["graph"] += time.perf_counter() - clock
         if cfg.eval.full_ranking:
             clock = time.perf_counter()
-            full_ranked.append(full_ranking_topk(log_probs, codes, top_k, cfg.eval.item_block_size)[0].numpy())
+            rows, scores = full_ranking_topk(log_probs, codes, top_k, cfg.eval.item_block_size)
+            full_ranked.append(_with_prior(cfg, prior, log_probs, codes, rows, scores, items, lengths))
             spent["full"] += time.perf_counter() - clock
     graph = ranking_metrics(np.concatenate(graph_ranked), queries.targets, ks)
     graph["n_visited_items"] = float(np.concatenate(visited).mean())
@@ -185,6 +200,22 @@ def _evaluate_split(cfg: Config, model, codes, graph_decoder, counts, queries: Q
         timings[f"{name}_full_ranking_s"] = spent["full"]
         log.info("%s: full ranking %s", name, _fmt(full))
     return graph, full
+
+
+def _with_prior(cfg: Config, prior: Transitions | None, log_probs, codes, rows, scores, items, lengths) -> np.ndarray:
+    """(B, K) ranked rows, reranked with the transition prior when there is one."""
+    if prior is not None:
+        last = items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
+        rows, _ = rerank(log_probs, codes, rows, scores, last, prior, cfg.decode.transition_weight, rows.shape[1])
+    return rows.numpy()
+
+
+def _n_successors(prior: Transitions | None, items, lengths) -> np.ndarray:
+    """(B,) items the prior scores beyond the decoder's (an upper bound: some were visited already)."""
+    if prior is None:
+        return np.zeros(len(lengths), np.int64)
+    last = items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1).numpy()
+    return np.diff(prior.indptr)[last]
 
 
 def _add_step_stats(total: list[dict[str, int]], batch: list[dict[str, int]]) -> None:
