@@ -101,7 +101,7 @@ def rerank(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, sco
     Returns:
         (B, k) rows (-1 where fewer items exist) and their scores, best first, ties by lower row.
     """
-    succ, bonus = transitions.of(last.numpy())  # (B, S)
+    succ, bonus = (t.to(rows.device) for t in transitions.of(last.cpu().numpy()))  # (B, S): CSR on the host
     succ_scores = candidate_scores(log_probs, codes, succ.clamp(min=0)) + weight * bonus  # (B, S)
     succ_keys = torch.where(succ >= 0, ranking_keys(succ_scores, succ.clamp(min=0)), MIN_KEY)
     if banned is not None:

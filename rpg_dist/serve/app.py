@@ -9,12 +9,13 @@ run on a worker thread (``asyncio.to_thread``), the decoder held the GIL so much
 admitted ~1.9 requests per batch at 32 clients on 2 cores (80 requests/s); blocking, the requests
 wait in Ray's queue and all join the next batch (10.5 per batch, 183 requests/s). With
 ``graph=sharded`` the replica mostly waits on the shard deployments, so the call runs on a worker
-thread there (a Serve handle's result cannot be awaited synchronously on the event loop).
+thread there (a Serve handle's result cannot be awaited synchronously on the event loop), and
+requests gather in a ``Coalescer`` instead of ``@serve.batch``, which would cut them into small
+batches while one decodes (serve/coalesce.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse
 
 from rpg_dist.decode.sharded import GraphShard
 from rpg_dist.serve import api
+from rpg_dist.serve.coalesce import Coalescer
 from rpg_dist.serve.config import TOKEN_ENV, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class RecommenderService:
         self.served = {"requests": 0, "batches": 0, "histories": 0, "rank_s": 0.0}
         self._rank_batch.set_max_batch_size(cfg.max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # graph=sharded: requests gather here while a batch waits on the shards.
+        self.coalescer = Coalescer(self._rank_requests, cfg.max_batch_size) if shards else None
 
     async def __call__(self, request: Request) -> JSONResponse:
         try:
@@ -115,7 +119,7 @@ class RecommenderService:
         if path == "/items":
             return self._add(payload)
         parsed = api.parse_recommend(payload, self.recommender.index, self.recommender.max_seq_len, self.limits)
-        results = await self._rank_batch(parsed)
+        results = await (self._rank_batch(parsed) if self.coalescer is None else self.coalescer.submit(parsed))
         return {"results": results} if parsed.many else results[0]
 
     def _info(self) -> dict:
@@ -184,6 +188,10 @@ class RecommenderService:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _rank_batch(self, requests: list[api.RecommendRequest]) -> list[list[dict]]:
+        """The in-memory decoder: blocks the event loop on purpose (the module's docstring)."""
+        return self._rank_requests(requests)
+
+    def _rank_requests(self, requests: list[api.RecommendRequest]) -> list[list[dict]]:
         """Every history of every request in one ``rank`` call; answers split back per request."""
         from rpg_dist.model.rpg import right_pad
 
@@ -195,10 +203,7 @@ class RecommenderService:
         k = torch.from_numpy(np.repeat([r.k for r in requests], [len(r.lengths) for r in requests]))
         exclude = torch.from_numpy(np.repeat([r.exclude_history for r in requests], [len(r.lengths) for r in requests]))
         started = time.perf_counter()
-        if self.recommender.shards is None:
-            ranked = self.recommender.rank(items, torch.from_numpy(lengths), k, exclude)
-        else:
-            ranked = await asyncio.to_thread(self.recommender.rank, items, torch.from_numpy(lengths), k, exclude)
+        ranked = self.recommender.rank(items, torch.from_numpy(lengths), k, exclude)
         self.served["rank_s"] += time.perf_counter() - started
         answers = self._answers(ranked)
         self.served["requests"] += len(requests)
