@@ -25,7 +25,7 @@ from rpg_dist.config import read_run_config  # noqa: E402
 from rpg_dist.data.dataset import read_sequences  # noqa: E402
 from rpg_dist.data.splits import leave_one_out  # noqa: E402
 from rpg_dist.decode.scoring import full_ranking_topk  # noqa: E402
-from rpg_dist.decode.transitions import count_transitions, rerank  # noqa: E402
+from rpg_dist.decode.transitions import count_transitions, last_items, rerank  # noqa: E402
 from rpg_dist.evaluation.metrics import ranking_metrics  # noqa: E402
 from rpg_dist.evaluation.stage import to_queries  # noqa: E402
 from rpg_dist.model.export import load_model  # noqa: E402
@@ -41,7 +41,7 @@ def ranked_once(model, queries, batch_size: int = 512):
     for items, lengths, _ in queries.batches(batch_size):
         log_probs = model.next_token_log_probs(items, lengths).float()
         rows, scores = full_ranking_topk(log_probs, model.item_codes, K)
-        out.append((log_probs, rows, scores, items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)))
+        out.append((log_probs, rows, scores, last_items(items, lengths)))
     return out
 
 

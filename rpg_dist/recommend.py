@@ -20,7 +20,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
-from rpg_dist.decode.transitions import Transitions, rerank
+from rpg_dist.decode.transitions import Transitions, last_items, rerank
 from rpg_dist.decode.sharded import ShardedGraphDecoder
 from rpg_dist.errors import DataError
 from rpg_dist.model.rpg import right_pad
@@ -204,7 +204,7 @@ class Recommender:
         """The ranked (B, K) ``rows`` and ``scores`` with the transition prior added, when configured."""
         if self.transitions is None:
             return rows, scores
-        last = items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
+        last = last_items(items, lengths)  # (B,)
         return rerank(log_probs, self.model.item_codes, rows, scores, last, self.transitions,
                       self.decode_cfg.transition_weight, rows.shape[1], self.withdrawn)
 

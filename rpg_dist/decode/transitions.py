@@ -64,6 +64,11 @@ def _segment_positions(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.repeat(starts, lengths) + np.arange(int(lengths.sum())) - offsets
 
 
+def last_items(items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) the last item of each right-padded (B, T) history of ``lengths`` (B,)."""
+    return items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+
+
 def count_transitions(train: pa.ListArray, rows: np.ndarray, n_items: int, max_successors: int) -> Transitions:
     """Transitions of the training sequences ``train`` (lists of item ids) whose flattened items
     map to dense ``rows``. Memory is O(training interactions), never O(N^2)."""

@@ -30,7 +30,7 @@ from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import EvalExamples, leave_one_out
 from rpg_dist.decode.graph_decode import GraphDecoder, popular_start_items, start_items
 from rpg_dist.decode.scoring import full_ranking_topk
-from rpg_dist.decode.transitions import Transitions, count_transitions, rerank
+from rpg_dist.decode.transitions import Transitions, count_transitions, last_items, rerank
 from rpg_dist.errors import ConfigError
 from rpg_dist.evaluation.metrics import ranking_metrics
 from rpg_dist.model.rpg import right_pad
@@ -205,7 +205,7 @@ def _evaluate_split(cfg: Config, model, codes, graph_decoder, training, queries:
 def _with_prior(cfg: Config, prior: Transitions | None, log_probs, codes, rows, scores, items, lengths) -> np.ndarray:
     """(B, K) ranked rows, reranked with the transition prior when there is one."""
     if prior is not None:
-        last = items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)  # (B,)
+        last = last_items(items, lengths)  # (B,)
         rows, _ = rerank(log_probs, codes, rows, scores, last, prior, cfg.decode.transition_weight, rows.shape[1])
     return rows.numpy()
 
@@ -214,7 +214,7 @@ def _n_successors(prior: Transitions | None, items, lengths) -> np.ndarray:
     """(B,) items the prior scores beyond the decoder's (an upper bound: some were visited already)."""
     if prior is None:
         return np.zeros(len(lengths), np.int64)
-    last = items.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1).numpy()
+    last = last_items(items, lengths).numpy()
     return np.diff(prior.indptr)[last]
 
 
