@@ -43,7 +43,7 @@ def test_requests_arriving_during_a_decode_form_the_next_batches():
     answers = asyncio.run(_submit_during_first_decode(coalescer, started, release, range(2, 8)))
     assert answers == [10, 20, 30, 40, 50, 60, 70]
     assert calls == [[1], [2, 3, 4, 5], [6, 7]]  # arrival order, at most max_batch_size a call
-    assert coalescer.batch_sizes == [1, 4, 2]
+    assert list(coalescer.batch_sizes) == [1, 4, 2]
 
 
 def test_a_failed_batch_fails_only_its_own_requests():
@@ -62,7 +62,7 @@ def test_an_idle_coalescer_starts_a_batch_at_once():
         return [await coalescer.submit(x) for x in (3, 4)]
 
     assert asyncio.run(one_at_a_time()) == [-3, -4]
-    assert coalescer.batch_sizes == [1, 1]
+    assert list(coalescer.batch_sizes) == [1, 1]
 
 
 @pytest.mark.parametrize("size", [1, 3])

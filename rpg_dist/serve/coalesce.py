@@ -12,6 +12,7 @@ Here a batch is cut only when the decoder is free, from everything submitted mea
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,8 @@ class Coalescer:
         self.run, self.max_batch_size = run, max_batch_size
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.draining: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # per call of ``run``, for stats and tests
+        # Sizes of the recent calls of ``run``; bounded, since a service runs batches for days.
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
 
     async def submit(self, item: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
