@@ -93,38 +93,64 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         raise ValueError(f"token pairs need r >= 2 (got {min_shared}), one-byte tokens (V <= 256, got {vocab}) "
                          f"and at most 64 digits (got {n_digit})")
     tab = np.ascontiguousarray(tables.numpy(), np.float32).reshape(-1)  # flat: (k * V + a) * V + b
-    cod = np.ascontiguousarray(codes.numpy().astype(np.uint8))
-    words = _token_words(cod)  # (N, W) uint64: 8 tokens per word, compared bytewise
+    cod = _padded_codes(codes.numpy())  # (N, 8W) uint8: read as W uint64 words, 8 tokens each
     heaps = np.full((n_items, max(n_edges, 1)), MIN_KEY, np.int64)  # (N, k) min-heaps: root = worst
-    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root, read while scoring
+    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root
     width = width or bucket_width(n_items, n_digit, min_shared)
     if not 2 <= width <= min(3, min_shared):
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
     totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width}
     with _Pool(threads) as pool:
-        neighbors = _build(tab, vocab, cod, words, heaps, worst, width, min_shared, chunk_pairs, pool, totals)
+        neighbors = _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pairs, pool, totals)
     return neighbors, totals
 
 
-def _build(tab, vocab, cod, words, heaps, worst, width, min_shared, chunk_pairs, pool, totals) -> np.ndarray:
-    """Every tuple of ``width`` digits in turn, then the lists sorted best first."""
-    n_items, n_digit = cod.shape
+def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pairs, pool, totals) -> np.ndarray:
+    """Every tuple of ``width`` digits in lexicographic order, then the lists sorted best first.
+
+    Per digit pair the items are sorted by their two tokens (a counting sort over 2^16 keys) and their
+    codes and list roots copied in that order. A bucket of 3 digits is a subset of one pair bucket, so
+    each pair bucket is taken once, in cache, and split by every third digit in turn: buckets never
+    read rows at random (a random row costs ~100 ns here; at 10M items, gathering buckets' members
+    that way cost more than comparing them, and a counting sort over a triple's 2^24 keys 0.6 s per
+    triple). The copied roots go stale while the pair runs: they only let through offers that the
+    lists then reject.
+    """
+    n_items = cod.shape[0]
     clock = time.perf_counter()
-    tuples = list(itertools.combinations(range(n_digit), width))
+    n_tuples = math.comb(n_digit, width)
     log.info("graph token pairs: %d items, r %d, buckets of %d digits (%d tuples), %d threads", n_items, min_shared,
-             width, len(tuples), pool.threads)
-    for done, digits in enumerate(tuples, 1):
-        order, begins, sizes = _buckets(cod, digits)
-        for lo, hi in _chunks(sizes, chunk_pairs):
-            _visit_chunk(tab, vocab, cod, words, order, begins[lo:hi], sizes[lo:hi], digits, min_shared, heaps, worst,
-                         pool, totals)
-        if done * 10 // len(tuples) > (done - 1) * 10 // len(tuples):
-            log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, len(tuples),
+             width, n_tuples, pool.threads)
+    done = 0
+    for (first, second) in itertools.combinations(range(n_digit), 2):
+        if width == 3 and second == n_digit - 1:
+            continue
+        pairs = _PairOrder(*_pair_sort(cod, worst, first, second))
+        thirds = np.arange(second + 1, n_digit) if width == 3 else np.array([-1])
+        masks = np.stack([_digit_masks((first, second) if t < 0 else (first, second, int(t)), pairs.words.shape[1],
+                                       n_digit) for t in thirds])  # (T, 3, W)
+        _visit_pair(tab, vocab, n_digit, pairs, thirds, masks, min_shared, heaps, worst, chunk_pairs, pool, totals)
+        before, done = done, done + len(thirds)
+        if done * 10 // n_tuples > before * 10 // n_tuples:
+            log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, n_tuples,
                      "triples" if width == 3 else "pairs", totals["visited"], totals["scored"],
                      time.perf_counter() - clock)
     neighbors = np.full(heaps.shape, -1, np.int32)
     pool.map_rows(n_items, lambda lo, hi: _sorted_rows(heaps, neighbors, lo, hi))
     return neighbors
+
+
+class _PairOrder:
+    """The items sorted by their tokens at a digit pair, with copies of their codes and list roots in
+    that order, and the pair buckets (runs of >= 2 items)."""
+
+    def __init__(self, rows: np.ndarray, codes: np.ndarray, worst: np.ndarray, begins: np.ndarray,
+                 sizes: np.ndarray) -> None:
+        self.rows = rows  # (N,) int32 item rows in pair order
+        self.codes = codes  # (N, 8W) uint8 their codes
+        self.words = codes.view(np.uint64)  # (N, W) the same, 8 tokens per word
+        self.worst = worst  # (N,) int64 their list roots when sorted
+        self.begins, self.sizes = begins, sizes  # (P,) int64 the pair buckets
 
 
 def bucket_width(n_items: int, n_digit: int, min_shared: int) -> int:
@@ -164,169 +190,263 @@ class _Pool:
         return list(self.executor.map(lambda i: fn(bounds[i], bounds[i + 1]), range(len(bounds) - 1)))
 
 
-def _token_words(codes: np.ndarray) -> np.ndarray:
-    """(N, ceil(m / 8)) uint64: digit d's token is byte d % 8 of word d // 8 (zero padding beyond m)."""
+def _padded_codes(codes: np.ndarray) -> np.ndarray:
+    """(N, 32 ceil(m / 32)) uint8 codes, zero padded to groups of four 64-bit words (the comparison
+    kernel's unit; digit d: byte d % 8 of word d // 8)."""
     n_items, n_digit = codes.shape
-    padded = np.zeros((n_items, -(-n_digit // 8) * 8), np.uint8)
+    padded = np.zeros((n_items, -(-n_digit // 32) * 32), np.uint8)
     padded[:, :n_digit] = codes
-    return padded.view(np.uint64).copy()
+    return padded
 
 
-def _buckets(codes: np.ndarray, digits: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Items ordered by their tokens at ``digits`` (a stable counting sort over V^w keys: a comparison
-    sort of 10M keys per tuple of digits would dominate), and the buckets holding >= 2 items:
-    (N,) int32 order, (B,) int64 first positions, (B,) int64 sizes."""
-    key = np.zeros(len(codes), np.int64)
-    for digit in digits:
-        key = (key << 8) | codes[:, digit]
-    counts = np.bincount(key, minlength=1 << (8 * len(digits)))
-    starts = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=starts[1:])
-    order = np.empty(len(key), np.int32)
-    _scatter(key, starts, order)
-    shared = np.flatnonzero(counts >= 2)
-    return order, starts[shared], counts[shared]
+def _visit_pair(tab, vocab, n_digit, pairs: _PairOrder, thirds, masks, min_shared, heaps, worst, chunk_pairs,
+                pool: _Pool, totals) -> None:
+    """Visit every bucket of one digit pair (its pair buckets split by each third digit), in rounds:
+    the threads visit disjoint pair buckets and append offers to their own stretch of one buffer until
+    it could overflow, then each thread applies the round's offers to the lists of its own rows."""
+    sizes = pairs.sizes
+    # One (pair bucket, third digit) must fit a stretch: all its members in one bucket offer s (s - 1).
+    capacity = max(2 * chunk_pairs, int((sizes * (sizes - 1)).max(initial=0)))
+    targets = np.empty(capacity * pool.threads, np.int32)
+    keys = np.empty(capacity * pool.threads, np.int64)
+    work = np.cumsum(sizes.astype(np.float64) ** 2)
+    cuts = np.searchsorted(work, np.linspace(0, work[-1] if len(work) else 0, pool.threads + 1)[1:-1])
+    bounds = [0, *cuts.tolist(), len(sizes)]
+    state = [(bounds[t], 0) for t in range(pool.threads)]  # each thread's next (pair bucket, third)
+    while any(state[t][0] < bounds[t + 1] for t in range(pool.threads)):
+        results = pool.map_ranges(list(range(pool.threads + 1)), lambda t, _: _visit_segments(
+            tab, vocab, n_digit, pairs.rows, pairs.codes, pairs.words, pairs.worst, pairs.begins, sizes, thirds,
+            masks, min_shared, targets, keys, t * capacity, capacity, state[t][0], state[t][1], bounds[t + 1]))
+        state = [(int(r[0]), int(r[1])) for r in results]
+        starts = np.arange(pool.threads, dtype=np.int64) * capacity
+        ends = starts + np.array([r[2] for r in results], np.int64)
+        totals["visited"] += sum(int(r[4]) for r in results)
+        totals["scored"] += sum(int(r[3]) for r in results)
+        totals["offers"] += int((ends - starts).sum())
+        totals["changed"] += sum(pool.map_rows(len(worst), lambda lo, hi: _apply(heaps, worst, targets, keys, starts,
+                                                                                 ends, lo, hi)))
 
 
-def _chunks(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive bucket ranges [lo, hi) of at most ``budget`` pairs each (a larger bucket alone)."""
-    pairs = np.cumsum(sizes * (sizes - 1) // 2)
-    bounds, lo = [], 0
-    while lo < len(sizes):
-        base = pairs[lo - 1] if lo else 0
-        hi = max(int(np.searchsorted(pairs, base + budget, side="right")), lo + 1)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
-
-
-def _visit_chunk(tab, vocab, cod, words, order, begins, sizes, digits, min_shared, heaps, worst, pool: _Pool,
-                 totals) -> None:
-    """Visit every pair of the chunk's buckets, then apply the offers to the lists (two phases)."""
-    slots = np.zeros(len(sizes) + 1, np.int64)
-    np.cumsum(sizes * (sizes - 1), out=slots[1:])  # two offers per pair at most
-    if slots[-1] == 0:
-        return
-    targets = np.empty(slots[-1], np.int32)
-    keys = np.empty(slots[-1], np.int64)
-    counts = np.zeros(len(sizes), np.int64)
-    # The bucket's digits must be the pair's lowest shared ones: all of them shared (true in the
-    # bucket) and no other below the last.
-    below = (1 << digits[-1]) - 1
-    required = sum(1 << d for d in digits[:-1])
-    scored = pool.map_ranges(_balanced(slots, pool.threads), lambda lo, hi: _visit_buckets(
-        tab, vocab, cod, words, order, begins, sizes, slots, np.uint64(below), np.uint64(required), min_shared,
-        worst, targets, keys, counts, lo, hi))
-    totals["visited"] += int(slots[-1] // 2)
-    totals["scored"] += sum(scored)
-    totals["offers"] += int(counts.sum())
-    totals["changed"] += sum(pool.map_rows(len(worst), lambda lo, hi: _apply(heaps, worst, targets, keys, slots,
-                                                                             counts, lo, hi)))
-
-
-def _balanced(slots: np.ndarray, parts: int) -> list[int]:
-    """Bucket boundaries splitting the chunk's pairs into ``parts`` nearly equal shares."""
-    cuts = np.searchsorted(slots, np.linspace(0, slots[-1], parts + 1)[1:-1])
-    return [0, *np.minimum(cuts, len(slots) - 1).tolist(), len(slots) - 1]
+def _digit_masks(digits: tuple[int, ...], n_words: int, n_digit: int) -> np.ndarray:
+    """(3, W) uint64 masks on the high bit of each byte (digit) of each word of tokens: the real digits
+    (padding bytes beyond m are equal in every item), ``below`` (the digits under the bucket's last
+    one) and ``required`` (the bucket's other digits). A pair belongs to this bucket when its shared
+    digits masked by ``below`` are exactly ``required`` (the bucket's digits are its lowest shared
+    ones), so each pair is scored in exactly one bucket."""
+    masks = np.zeros((3, n_words * 8), np.uint8)
+    masks[0, :n_digit] = 0x80
+    masks[1, : digits[-1]] = 0x80
+    masks[2, list(digits[:-1])] = 0x80
+    return masks.view(np.uint64).copy()
 
 
 # ---- kernels --------------------------------------------------------------------------------------
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _scatter(key, starts, order):
-    """order[starts[key[i]] + (earlier items with that key)] = i: a stable counting sort."""
-    fill = starts[:-1].copy()
-    for i in range(len(key)):
-        order[fill[key[i]]] = i
-        fill[key[i]] += 1
+def _pair_sort(codes, worst, first, second):
+    """A stable counting sort of the items on their tokens at (first, second) (2^16 keys), copying their
+    codes and list roots into that order as it goes (reads in row order, writes scattered): the
+    rows, codes, roots, and the (P,) first positions and sizes of the runs of >= 2 equal keys."""
+    n_items, width = codes.shape
+    counts = np.zeros(1 << 16, np.int64)
+    for i in range(n_items):
+        counts[(np.int64(codes[i, first]) << 8) | codes[i, second]] += 1
+    starts = np.zeros((1 << 16) + 1, np.int64)
+    for key in range(1 << 16):
+        starts[key + 1] = starts[key] + counts[key]
+    fill = starts[: 1 << 16].copy()
+    rows = np.empty(n_items, np.int32)
+    sorted_codes = np.empty((n_items, width), np.uint8)
+    sorted_worst = np.empty(n_items, np.int64)
+    for i in range(n_items):
+        key = (np.int64(codes[i, first]) << 8) | codes[i, second]
+        at = fill[key]
+        fill[key] += 1
+        rows[at] = i
+        sorted_worst[at] = worst[i]
+        for c in range(width):
+            sorted_codes[at, c] = codes[i, c]
+    n_runs = 0
+    for key in range(1 << 16):
+        n_runs += counts[key] >= 2
+    begins = np.empty(n_runs, np.int64)
+    sizes = np.empty(n_runs, np.int64)
+    n_runs = 0
+    for key in range(1 << 16):
+        if counts[key] >= 2:
+            begins[n_runs], sizes[n_runs] = starts[key], counts[key]
+            n_runs += 1
+    return rows, sorted_codes, sorted_worst, begins, sizes
+
 
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
-_HIGH = np.uint64(0x8080808080808080)
-_GATHER = np.uint64(0x0102040810204080)  # moves bit 8j of each byte j to bit 56 + j
-
-
-@njit(inline="always")
-def _equal_bytes(a, b):
-    """8-bit mask of the bytes of two uint64 words that are equal (bit j: byte j)."""
-    x = a ^ b
-    nonzero = ((x & _LOW7) + _LOW7) | x  # high bit of each byte set where the byte is not zero
-    zero = ~nonzero & _HIGH
-    return ((zero >> np.uint64(7)) * _GATHER) >> np.uint64(56)
-
-
-@njit(inline="always")
-def _shared_mask(words, p, q):
-    """Bit d set where items p and q have the same token at digit d."""
-    mask = np.uint64(0)
-    for w in range(words.shape[1]):
-        mask |= _equal_bytes(words[p, w], words[q, w]) << np.uint64(8 * w)
-    return mask
-
-
-_M1, _M2, _M4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
 _BYTES = np.uint64(0x0101010101010101)
+_SEVEN = np.uint64(7)
 
 
 @njit(inline="always")
-def _popcount(x):
-    """Set bits of a uint64, branch-free (a loop per bit mispredicts on every pair)."""
-    x = x - ((x >> np.uint64(1)) & _M1)
-    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
-    x = (x + (x >> np.uint64(4))) & _M4
-    return np.int64((x * _BYTES) >> np.uint64(56))
+def _equal_high(x):
+    """The high bit of each zero byte of ``x`` (of each equal token, for x = a ^ b)."""
+    return ~(((x & _LOW7) + _LOW7) | x) & np.uint64(0x8080808080808080)
+
+
+# Buckets up to this size compare their pairs directly; larger ones gather their members' words
+# first and compare vectorised over later members (per-member setup would dominate small buckets).
+_SMALL_BUCKET = 12
+# Pairs that pass are scored in blocks of this many, digit by digit.
+_SCORE_BLOCK = 1024
+
+
+@njit(inline="always")
+def _pair_test(words, masks, p, q, min_shared):
+    """True when the items at positions p, q share >= min_shared tokens and the bucket's digits are
+    their lowest shared ones (scalar form of the vectorised comparison)."""
+    count, bad = np.uint64(0), np.uint64(0)
+    for w in range(words.shape[1]):
+        equal = _equal_high(words[p, w] ^ words[q, w]) & masks[0, w]
+        count += equal >> _SEVEN
+        bad |= (equal & masks[1, w]) ^ masks[2, w]
+    return bad == 0 and np.int64((count * _BYTES) >> np.uint64(56)) >= min_shared
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _visit_buckets(tables, vocab, codes, words, order, begins, sizes, slots, below, required, min_shared, worst,
-                   targets, keys, counts, lo, hi):
-    # A pair is scored here only if the bucket's digits are its lowest shared ones (``required`` and
-    # ``below``: no other shared digit under the bucket's last), so each pair is scored in exactly
-    # one bucket. Padding bytes beyond m are equal in every word: masked out. Members' words are
-    # gathered first so that the comparisons read a few KB, not N rows; a pair that passes costs m
-    # lookups at random places of the 8 MB of tables (~100-300 ns here), a comparison ~12 ns.
-    n_digit, n_words = codes.shape[1], words.shape[1]
-    digits = (np.uint64(1) << np.uint64(n_digit)) - np.uint64(1) if n_digit < 64 else ~np.uint64(0)
-    cap = 0
-    for b in range(lo, hi):
-        cap = max(cap, sizes[b])
-    member_words = np.empty((cap, n_words), np.uint64)
-    passes = np.empty(cap, np.int64)
-    base = np.empty(n_digit, np.int64)
-    scored = 0
-    for b in range(lo, hi):
-        begin, size = begins[b], sizes[b]
-        out, n = slots[b], 0
-        for i in range(size):
-            for w in range(n_words):
-                member_words[i, w] = words[order[begin + i], w]
-        for i in range(size - 1):
-            n_pass = 0  # the comparisons alone first (a tight loop), then the few pairs that pass
-            for j in range(i + 1, size):
-                mask = _shared_mask(member_words, i, j) & digits
-                passes[n_pass] = j
-                n_pass += (mask & below) == required and _popcount(mask) >= min_shared
-            if n_pass == 0:
+def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begins, seg_sizes, thirds, masks,
+                    min_shared, targets, keys, first_slot, capacity, seg, third_index, seg_end):
+    # Pair buckets [seg, seg_end), from the given third digit on; stops before a (pair bucket, third)
+    # whose pairs could overflow the thread's stretch of the offer buffer. Returns the next (pair
+    # bucket, third index), offers written, pairs scored and pairs visited.
+    #
+    # Inside a bucket: a byte's high bit marks an equal token; its count and the bucket test decide
+    # (small buckets pair by pair; larger ones with their members' words gathered digit-major and
+    # compared over all later members at once, straight-line uint64 work the compiler vectorises).
+    # The pairs that pass are queued and scored in blocks digit by digit, so that each digit's
+    # (V, V) table (256 KB) stays in cache for the block instead of m tables read at random per pair.
+    n_words = words.shape[1]
+    cap = 1
+    for p in range(seg, seg_end):
+        cap = max(cap, seg_sizes[p])
+    member = np.empty(cap, np.int64)  # positions of the bucket's items, grouped by third token
+    member_words = np.empty((n_words, cap), np.uint64)
+    shared = np.empty(cap, np.uint64)
+    wrong = np.empty(cap, np.uint64)
+    group = np.zeros(258, np.int64)
+    queue = np.empty((2, _SCORE_BLOCK), np.int64)  # positions p, q of each pair to score
+    block_codes = np.empty((2, _SCORE_BLOCK, n_digit), np.uint8)  # pair-major: digit-major rows alias in L1
+    totals = np.empty(_SCORE_BLOCK, np.float32)
+    out, queued, scored, visited = first_slot, 0, 0, 0
+    while seg < seg_end:
+        lo, size = seg_begins[seg], seg_sizes[seg]
+        third = thirds[third_index]
+        # Group the pair bucket's items by their token at the third digit (counting sort): group[t]..
+        # group[t + 1] of ``member`` hold token t; no third digit: one group.
+        group[:] = 0
+        if third < 0:
+            group[1:] = size
+            for i in range(size):
+                member[i] = lo + i
+        else:
+            for i in range(lo, lo + size):
+                group[np.int64(codes[i, third]) + 2] += 1
+            for t in range(256):
+                group[t + 2] += group[t + 1]
+            for i in range(lo, lo + size):
+                t = np.int64(codes[i, third]) + 1
+                member[group[t]] = i
+                group[t] += 1
+        n_pairs = 0
+        for t in range(256):
+            g = group[t + 1] - group[t]
+            n_pairs += g * (g - 1) // 2
+        if out - first_slot + 2 * n_pairs > capacity:
+            break  # the caller applies the offers and calls again from here
+        for t in range(256):
+            begin, g = group[t], group[t + 1] - group[t]
+            if g < 2:
                 continue
-            p = np.int64(order[begin + i])
-            for digit in range(n_digit):  # row T_k[p_k, :] of each digit in the flat tables
-                base[digit] = (digit * vocab + np.int64(codes[p, digit])) * vocab
-            for t in range(n_pass):
-                q = np.int64(order[begin + passes[t]])
-                total = np.float32(0.0)
-                for digit in range(n_digit):  # digits in order: exact mode's float32 sum
-                    total += tables[base[digit] + np.int64(codes[q, digit])]
-                key = _key(total, q)
-                if key > worst[p]:
-                    targets[out + n], keys[out + n] = p, key
-                    n += 1
-                key = _key(total, p)
-                if key > worst[q]:
-                    targets[out + n], keys[out + n] = q, key
-                    n += 1
-            scored += n_pass
-        counts[b] = n
-    return scored
+            masks_t = masks[third_index]
+            if g <= _SMALL_BUCKET:
+                for i in range(begin, begin + g - 1):
+                    p = member[i]
+                    for j in range(i + 1, begin + g):
+                        q = member[j]
+                        if _pair_test(words, masks_t, p, q, min_shared):
+                            queue[0, queued], queue[1, queued] = p, q
+                            queued += 1
+                            if queued == _SCORE_BLOCK:
+                                out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued,
+                                                   block_codes, totals, targets, keys, out)
+                                scored += queued
+                                queued = 0
+                continue
+            for i in range(g):
+                for w in range(n_words):
+                    member_words[w, i] = words[member[begin + i], w]
+            for i in range(g - 1):
+                for h in range(0, n_words, 4):  # 4 words (32 digits) at a time, unrolled
+                    a0, a1 = member_words[h, i], member_words[h + 1, i]
+                    a2, a3 = member_words[h + 2, i], member_words[h + 3, i]
+                    w0, w1, w2, w3 = member_words[h], member_words[h + 1], member_words[h + 2], member_words[h + 3]
+                    for j in range(i + 1, g):
+                        e0 = _equal_high(w0[j] ^ a0) & masks_t[0, h]
+                        e1 = _equal_high(w1[j] ^ a1) & masks_t[0, h + 1]
+                        e2 = _equal_high(w2[j] ^ a2) & masks_t[0, h + 2]
+                        e3 = _equal_high(w3[j] ^ a3) & masks_t[0, h + 3]
+                        count = (e0 >> _SEVEN) + (e1 >> _SEVEN) + (e2 >> _SEVEN) + (e3 >> _SEVEN)  # per byte
+                        bad = (((e0 & masks_t[1, h]) ^ masks_t[2, h]) | ((e1 & masks_t[1, h + 1]) ^ masks_t[2, h + 1])
+                               | ((e2 & masks_t[1, h + 2]) ^ masks_t[2, h + 2])
+                               | ((e3 & masks_t[1, h + 3]) ^ masks_t[2, h + 3]))
+                        if h == 0:
+                            shared[j], wrong[j] = count, bad
+                        else:
+                            shared[j] += count
+                            wrong[j] |= bad
+                p = member[begin + i]
+                for j in range(i + 1, g):
+                    if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
+                        queue[0, queued], queue[1, queued] = p, member[begin + j]
+                        queued += 1
+                        if queued == _SCORE_BLOCK:
+                            out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued,
+                                               block_codes, totals, targets, keys, out)
+                            scored += queued
+                            queued = 0
+        out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
+                           keys, out)
+        scored += queued
+        queued = 0
+        visited += n_pairs
+        third_index += 1
+        if third_index == len(thirds):
+            seg, third_index = seg + 1, 0
+    return seg, third_index, out - first_slot, scored, visited
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets, keys, out):
+    """Score the queued pairs (digits in order: exact mode's float32 sum) and append the offers that
+    beat a list's root from ``out``; returns the next free slot."""
+    for t in range(queued):
+        p, q = queue[0, t], queue[1, t]
+        for d in range(n_digit):
+            block_codes[0, t, d] = codes[p, d]
+            block_codes[1, t, d] = codes[q, d]
+        totals[t] = np.float32(0.0)
+    for d in range(n_digit):
+        table = tables[d * vocab * vocab : (d + 1) * vocab * vocab]
+        for t in range(queued):
+            totals[t] += table[np.int64(block_codes[0, t, d]) * vocab + np.int64(block_codes[1, t, d])]
+    for t in range(queued):
+        p, q = queue[0, t], queue[1, t]
+        key = _key(totals[t], np.int64(rows[q]))
+        if key > worst[p]:
+            targets[out], keys[out] = rows[p], key
+            out += 1
+        key = _key(totals[t], np.int64(rows[p]))
+        if key > worst[q]:
+            targets[out], keys[out] = rows[q], key
+            out += 1
+    return out
 
 
 @njit(inline="always")
@@ -356,11 +476,12 @@ def _push(heap, key):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _apply(heaps, worst, targets, keys, slots, counts, lo, hi):
-    # Each thread owns the lists of rows [lo, hi) and applies their offers in bucket order.
+def _apply(heaps, worst, targets, keys, starts, ends, lo, hi):
+    # Each thread owns the lists of rows [lo, hi) and applies their offers (the lists keep the best
+    # distinct keys offered, whatever their order: they do not depend on the thread count).
     changed = 0
-    for b in range(len(counts)):
-        for n in range(slots[b], slots[b] + counts[b]):
+    for r in range(len(starts)):
+        for n in range(starts[r], ends[r]):
             p = targets[n]
             if lo <= p < hi and _push(heaps[p], keys[n]):
                 changed += 1
