@@ -381,15 +381,17 @@ def _sharing_twin(tables, codes, min_shared, n_edges):
     return out, n_pairs
 
 
-@pytest.mark.parametrize("n_digit", [6, 13])  # 13: a partly filled 64-bit word of tokens
-@pytest.mark.parametrize("min_shared", [2, 3])
+# 13 digits: a partly filled 64-bit word of tokens; 40: two groups of four words (beyond 32 digits).
+@pytest.mark.parametrize("n_digit", [6, 13, 40])
+@pytest.mark.parametrize("min_shared", [2, 3, 4])
 def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, min_shared):
     codes = clustered_codes(700, n_digit, n_clusters=8, keep=0.5, seed=11)
     tables = digit_similarity_tables(random_token_table(n_digit, 256, 16, seed=11))
     want, n_pairs = _sharing_twin(tables, codes, min_shared, 15)
-    # One chunk per digit tuple / many, several threads; buckets of 2 digits, and of 3 where r is 3
-    # (6 digits: 20 counting sorts over 2^24 keys, not 286).
-    runs = [(1, 1 << 22, 2), (3, 40, 2)] + [(2, 1 << 22, 3), (3, 40, 3)] * (min_shared == 3 and n_digit == 6)
+    assert n_pairs > 0
+    # One round per digit pair / many (tiny offer buffers: visits resume mid-pair), one or several
+    # threads; buckets of 2 digits, and of 3 where r >= 3.
+    runs = [(1, 1 << 22, 2), (3, 40, 2)] + [(2, 1 << 22, 3), (3, 40, 3)] * (min_shared >= 3)
     for threads, chunk, width in runs:
         got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width)
         assert np.array_equal(got, want) and counts["width"] == width

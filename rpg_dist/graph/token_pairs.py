@@ -8,26 +8,30 @@ items of the million). Token blocks (token_blocks.py) score every pair sharing o
 N^2 / 8 pairs; here only the pairs sharing ``r`` tokens are scored, ~N^2 C(m, r) / V^r.
 
 Visiting them: for each tuple of w digits (w = 2, or 3 when r >= 3 and the catalogue is large:
-``bucket_width``), items are bucketed by their tokens there (a counting sort on one V^w key). Inside a bucket every pair is compared token by
-token (four 64-bit words per 32 digits, no table lookups: ~12 ns a pair), and scored exactly
-(``similarity``'s float32 sum, digits in order) only when it shares at least ``r`` digits and the
-bucket's digits are its w lowest shared ones, so each pair is scored once whatever the number of
-buckets it meets in. The score is offered to both items' running top-k lists. Neighbour order and
-ties are exact mode's; the items missed are exactly those sharing fewer than ``r`` tokens with the
-item. For uniform tokens buckets of 3 digits hold N / 2^24 items (0.6 at 10M, against 150 for 2
-digits), so the pairs compared are about those sharing 3 tokens rather than 2, for 4,960 counting
-sorts instead of 496; real catalogues are clustered and their buckets larger (BENCHMARKS.md).
+``bucket_width``) the items are bucketed by their tokens there: per digit pair a counting sort over
+2^16 keys copies the codes into pair order, and each pair bucket, in cache, is split by every third
+digit in turn. Inside a bucket every pair is compared token by token (four 64-bit words per 32
+digits, no table lookups, vectorised over a member's later members: ~2 ns a pair in large buckets),
+and scored exactly (``similarity``'s float32 sum, digits in order) only when it shares at least
+``r`` digits and the bucket's digits are its w lowest shared ones, so each pair is scored once
+whatever the number of buckets it meets in. The score is offered to both items' running top-k
+lists. Neighbour order and ties are exact mode's; the items missed are exactly those sharing fewer
+than ``r`` tokens with the item. A pair sharing s tokens is compared in C(s, w) buckets: on
+clustered catalogues most comparisons are of near-duplicates, ~2.7e11 at 10M realistic items
+(BENCHMARKS.md), while the pairs scored are those sharing r tokens.
 
 ``r`` comes from the data: the builder computes exact lists for its recall sample first and takes
 the largest ``r`` whose pairs hold ``target_recall`` of those lists' entries (``choose_shared``).
 
-Determinism and threads: buckets are cut into chunks; inside a chunk the threads score disjoint
-buckets into per-bucket slots, then each thread applies the offers to the lists of its own rows,
-in bucket order. The lists do not depend on the number of threads.
+Determinism and threads: the threads visit disjoint pair buckets and append their offers to their
+own stretch of one buffer; when a stretch could overflow, each thread applies the round's offers to
+the lists of its own rows. A list keeps the best distinct keys offered to it, whatever their order,
+so the lists do not depend on the number of threads or rounds.
 
-Memory: the (N, k) int64 lists (8 bytes per edge: 8 GB at 10M items x 100 edges), one bucket order
-(N int32) and one chunk of offers. The lists live in this process: unlike token blocks this build
-is neither spread over Ray actors nor streamed.
+Memory: the (N, k) int64 lists (8 bytes per edge: 8 GB at 10M items x 100 edges), one pair-sorted
+copy of the codes (N x 32 bytes) and the offer buffer (12 bytes an offer, at least the largest pair
+bucket's s (s - 1) per thread). The lists live in this process: unlike token blocks this build is
+neither spread over Ray actors nor streamed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,7 +52,7 @@ from rpg_dist.decode.topk import MIN_KEY
 
 log = logging.getLogger(__name__)
 
-# Pairs visited per chunk; offers are held for one chunk (at most 2 per scored pair, 12 bytes each).
+# Pairs per round and thread: offers (at most 2 per pair, 12 bytes each) are buffered for one round.
 CHUNK_PAIRS = 1 << 22
 
 
@@ -80,7 +85,7 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         n_edges: neighbours per item.
         min_shared: r >= 2, tokens a pair must share to be scored.
         threads: threads of the kernels.
-        chunk_pairs: pairs visited between two rounds of list updates (bounds the offer buffer).
+        chunk_pairs: pairs a thread visits between two rounds of list updates (bounds the offer buffer).
         width: digits per bucket key (2, or 3 when min_shared >= 3); default ``bucket_width``.
 
     Returns:
@@ -94,19 +99,47 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
                          f"and at most 64 digits (got {n_digit})")
     tab = np.ascontiguousarray(tables.numpy(), np.float32).reshape(-1)  # flat: (k * V + a) * V + b
     cod = _padded_codes(codes.numpy())  # (N, 8W) uint8: read as W uint64 words, 8 tokens each
-    heaps = np.full((n_items, max(n_edges, 1)), MIN_KEY, np.int64)  # (N, k) min-heaps: root = worst
-    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root
     width = width or bucket_width(n_items, n_digit, min_shared)
     if not 2 <= width <= min(3, min_shared):
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
+    heaps = _Lists(n_items, max(n_edges, 1))
+    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root
     totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width}
     with _Pool(threads) as pool:
-        neighbors = _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pairs, pool, totals)
+        _build(tab, vocab, cod, n_digit, heaps.keys, worst, width, min_shared, chunk_pairs, pool, totals)
+        neighbors = heaps.release_sorted(pool)
     return neighbors, totals
 
 
-def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pairs, pool, totals) -> np.ndarray:
-    """Every tuple of ``width`` digits in lexicographic order, then the lists sorted best first.
+class _Lists:
+    """The (N, k) int64 min-heaps of keys (root = worst) in anonymous memory, so that the pages of
+    rows already turned into neighbour rows can be handed back: the heaps (8 GB at 10M x 100) and
+    the (N, k) int32 result (4 GB) are never both whole."""
+
+    def __init__(self, n_items: int, k: int) -> None:
+        self.memory = mmap.mmap(-1, max(n_items * k * 8, 1))
+        self.keys = np.frombuffer(self.memory, np.int64, n_items * k).reshape(n_items, k)
+        self.keys.fill(MIN_KEY)
+
+    def release_sorted(self, pool: _Pool, block_rows: int = 1 << 18) -> np.ndarray:
+        """(N, k) int32 rows, best first, -1 padded; the heaps' memory is returned block by block."""
+        n_items, k = self.keys.shape
+        neighbors = np.empty((n_items, k), np.int32)
+        released = 0
+        for lo in range(0, n_items, block_rows):
+            hi = min(lo + block_rows, n_items)
+            bounds = np.linspace(lo, hi, pool.threads + 1).astype(np.int64).tolist()
+            pool.map_ranges(bounds, lambda a, b: _sorted_rows(self.keys, neighbors, a, b))
+            end = hi * k * 8 // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages of sorted rows only
+            if end > released:
+                self.memory.madvise(mmap.MADV_DONTNEED, released, end - released)
+                released = end
+        self.keys = None  # the mapping closes with its last view
+        return neighbors
+
+
+def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pairs, pool, totals) -> None:
+    """Every tuple of ``width`` digits in lexicographic order, each pair offered to both heaps.
 
     Per digit pair the items are sorted by their two tokens (a counting sort over 2^16 keys) and their
     codes and list roots copied in that order. A bucket of 3 digits is a subset of one pair bucket, so
@@ -135,9 +168,6 @@ def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pair
             log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, n_tuples,
                      "triples" if width == 3 else "pairs", totals["visited"], totals["scored"],
                      time.perf_counter() - clock)
-    neighbors = np.full(heaps.shape, -1, np.int32)
-    pool.map_rows(n_items, lambda lo, hi: _sorted_rows(heaps, neighbors, lo, hi))
-    return neighbors
 
 
 class _PairOrder:
