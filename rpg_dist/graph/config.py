@@ -41,7 +41,8 @@ class GraphConfig:
     # How approximate mode finds candidates, all scored exactly. token_pairs (graph/token_pairs.py):
     # the pairs of items sharing at least approx_shared_digits tokens, each scored once, in this
     # process on local_threads threads (the lists are held here, 8 bytes per edge: 8 GB at 10M x
-    # 100); 1M realistic items in 166-523 s (r 3 or 2) at recall 0.989-0.9998, against 746 s for
+    # 100); 1M realistic items in 166-523 s (r 3 or 2) at recall 0.989-0.9998, 10M in 39 min (r 4,
+    # approx_target_recall 0.95: recall 0.955), against 746 s at 1M for
     # token_blocks (BENCHMARKS.md). token_blocks (graph/token_blocks.py), for a cluster whose driver is small:
     # every item against the items sharing a token (group) with it at some digit -- holds on real
     # codes, whose neighbours share few digits and cluster nowhere. ivf_blocks / faiss_index

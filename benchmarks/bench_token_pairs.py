@@ -1,0 +1,78 @@
+"""Token-pairs kernel rates: seconds and counts per digit triple on real codes (graph/token_pairs.py).
+
+    # 10M realistic codes, r 4: a late digit pair (lists filled from empty, so its offers all land)
+    python benchmarks/bench_token_pairs.py --semantic-ids runs/like10m/run/tokenizer/semantic_ids.parquet \
+        --run-dir runs/like10m/run --shared 4 --pairs 12,20 5,9
+
+For each digit pair given, the pair sort (counting sort over 2^16 keys, codes copied into pair
+order) and then every third digit's buckets, visited on ``--threads`` threads into empty lists, as
+the build's own loop does. Prints pairs compared, scored, offers, list entries changed and seconds
+per triple, and the visit's core time (comparing, scoring, list updates) per pair compared. Starts from empty lists, so offers and list updates are those of a build's first
+passes (the most expensive); a whole build's figures are its log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import machine  # noqa: E402
+
+
+def main() -> None:
+    from rpg_dist.decode.topk import MIN_KEY
+    from rpg_dist.graph import token_pairs as tp
+    from rpg_dist.graph.similarity import digit_similarity_tables
+    from rpg_dist.graph.stage import load_token_embeddings
+    from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--semantic-ids", required=True, help="a semantic_ids.parquet")
+    parser.add_argument("--run-dir", required=True, help="the run whose exported token table scores the pairs")
+    parser.add_argument("--shared", type=int, default=4, help="r, tokens a pair must share")
+    parser.add_argument("--n-edges", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", nargs="+", default=["12,20"], help="digit pairs FIRST,SECOND to run")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    codes = load_semantic_ids(args.semantic_ids).codes
+    tables = digit_similarity_tables(load_token_embeddings(args.run_dir))
+    n_items, n_digit = codes.shape
+    tab = np.ascontiguousarray(tables.numpy()).reshape(-1)
+    cod = tp._padded_codes(codes)
+    heaps = np.full((n_items, args.n_edges), MIN_KEY, np.int64)
+    worst = np.full(n_items, MIN_KEY, np.int64)
+    out = {"items": int(n_items), "shared": args.shared, "threads": args.threads, "pairs": []}
+    with tp._Pool(args.threads) as pool:
+        for pair in args.pairs:
+            first, second = (int(x) for x in pair.split(","))
+            totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0}
+            clock = time.perf_counter()
+            pairs = tp._PairOrder(*tp._pair_sort(cod, worst, first, second))
+            sort_s = time.perf_counter() - clock
+            thirds = np.arange(second + 1, n_digit)
+            masks = np.stack([tp._digit_masks((first, second, int(t)), pairs.words.shape[1], n_digit) for t in thirds])
+            clock = time.perf_counter()
+            tp._visit_pair(tab, tables.shape[1], n_digit, pairs, thirds, masks, args.shared, heaps, worst,
+                           tp.CHUNK_PAIRS, pool, totals)
+            visit_s = time.perf_counter() - clock
+            row = {"pair": [first, second], "triples": len(thirds), "sort_s": sort_s, "visit_s": visit_s,
+                   "s_per_triple": (sort_s + visit_s) / max(len(thirds), 1),
+                   "core_ns_per_pair_compared": visit_s * args.threads / max(totals["visited"], 1) * 1e9, **totals}
+            out["pairs"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
