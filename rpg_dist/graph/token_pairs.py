@@ -404,13 +404,8 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                     for j in range(i + 1, begin + g):
                         q = member[j]
                         if _pair_test(words, masks_t, p, q, min_shared):
-                            queue[0, queued], queue[1, queued] = p, q
-                            queued += 1
-                            if queued == _SCORE_BLOCK:
-                                out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued,
-                                                   block_codes, totals, targets, keys, out)
-                                scored += queued
-                                queued = 0
+                            queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit,
+                                                           rows, codes, worst, block_codes, totals, targets, keys)
                 continue
             for i in range(g):
                 for w in range(n_words):
@@ -437,13 +432,8 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                 p = member[begin + i]
                 for j in range(i + 1, g):
                     if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
-                        queue[0, queued], queue[1, queued] = p, member[begin + j]
-                        queued += 1
-                        if queued == _SCORE_BLOCK:
-                            out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued,
-                                               block_codes, totals, targets, keys, out)
-                            scored += queued
-                            queued = 0
+                        queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables, vocab,
+                                                       n_digit, rows, codes, worst, block_codes, totals, targets, keys)
         out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
                            keys, out)
         scored += queued
@@ -453,6 +443,20 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         if third_index == len(thirds):
             seg, third_index = seg + 1, 0
     return seg, third_index, out - first_slot, scored, visited
+
+
+@njit(inline="always")
+def _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit, rows, codes, worst, block_codes, totals, targets,
+             keys):
+    """Queue the pair at positions (p, q); a full queue is scored. Returns (queued, scored, out)."""
+    queue[0, queued], queue[1, queued] = p, q
+    queued += 1
+    if queued == _SCORE_BLOCK:
+        out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
+                           keys, out)
+        scored += queued
+        queued = 0
+    return queued, scored, out
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
