@@ -28,7 +28,8 @@ own stretch of one buffer; when a stretch could overflow, each thread applies th
 the lists of its own rows. A list keeps the best distinct keys offered to it, whatever their order,
 so the lists do not depend on the number of threads or rounds.
 
-Memory: the (N, k) int64 lists (8 bytes per edge: 8 GB at 10M items x 100 edges), one pair-sorted
+Memory: the (N, k) int64 lists (8 bytes per edge: 8 GB at 10M items x 100 edges, handed back block
+by block as the (N, k) int32 result is written: 14.2 GiB peak for the 10M build), one pair-sorted
 copy of the codes (N x 32 bytes) and the offer buffer (12 bytes an offer, at least the largest pair
 bucket's s (s - 1) per thread). The lists live in this process: unlike token blocks this build is
 neither spread over Ray actors nor streamed.
