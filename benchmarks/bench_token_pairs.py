@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -70,8 +71,7 @@ def main() -> None:
             out["pairs"].append(row)
             print(json.dumps(row), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
