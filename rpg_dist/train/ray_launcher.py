@@ -78,11 +78,7 @@ def _fit(trainer) -> Any:
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     try:
-        while thread.is_alive():
-            # Timed: the kernel may deliver Ctrl-C to one of Ray's threads, and Python runs its
-            # handler on the main thread only once that thread returns to the interpreter; an
-            # untimed join never did (a driver stayed blocked after SIGINT, its workers held).
-            thread.join(timeout=0.5)
+        thread.join()
     except KeyboardInterrupt:
         log.warning("interrupted: stopping the training workers; `rpg-dist train` resumes from the newest "
                     "complete checkpoint")
