@@ -112,7 +112,10 @@ def test_ray_train_two_workers_resume_after_a_worker_is_killed(synth_dataset, tm
 
 # The CLI in a process that arms a crash point aimed at itself (its pid is known before it starts
 # anything): the Ray Train worker that reaches the point signals this driver and waits to be stopped.
+# The default Ctrl-C handler first: a suite run as a background job (`make test &`, nohup) starts
+# with SIGINT ignored, which every child inherits, and a driver that ignores SIGINT never stops.
 _DRIVER = """import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from rpg_dist import failpoints
 failpoints.arm(sys.argv[1], signal.Signals[sys.argv[2]], os.getpid())
 from rpg_dist.cli import main
