@@ -315,11 +315,18 @@ def iter_parquet(
         fs, path = filesystem(file_uri, storage)
         with _call(file_uri, fs.open, path, "rb") as handle:
             try:
-                reader = pq.ParquetFile(handle)
-                for batch in reader.iter_batches(batch_size=batch_size, columns=columns, use_threads=PYTHON_FILE_THREADS):
-                    yield file_uri, batch
+                with open_parquet(handle) as reader:
+                    for batch in reader.iter_batches(batch_size=batch_size, columns=columns,
+                                                     use_threads=PYTHON_FILE_THREADS):
+                        yield file_uri, batch
             except (pa.ArrowInvalid, OSError) as err:
                 raise DataError(f"{file_uri}: unreadable parquet: {err}") from None
+
+
+def open_parquet(handle) -> pq.ParquetFile:
+    """A parquet reader over a Python file object (an fsspec handle) that reads it on the calling
+    thread only (see PYTHON_FILE_THREADS); use it as a context manager so it closes before the handle."""
+    return pq.ParquetFile(handle, pre_buffer=False)
 
 
 def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
@@ -383,7 +390,10 @@ def _is_temporary(name: str) -> bool:
 # Arrow threads reading a Python file object (an fsspec handle) can still be running when the
 # interpreter exits, which aborts the process ("terminate called without an active exception",
 # about 1 exit in 6 after a read on this machine, pyarrow 26). Reads through a Python handle are
-# therefore single-threaded; local files go through Arrow's own reader, which has no such callback.
+# therefore single-threaded, decoding (use_threads) and fetching alike: pre-buffering fetches
+# column chunks on Arrow's IO threads, and a CLI that stops mid-file on a bad row (add-items on a
+# null text) exited with such a fetch outstanding and aborted (2 suite runs in stop 30). Local files
+# go through Arrow's own reader, which has no such callback.
 PYTHON_FILE_THREADS = False
 
 
@@ -393,7 +403,7 @@ def _read_parquet_file(uri: str, storage: StorageConfig | None, columns: list[st
         if is_local(uri):
             return pq.read_table(path, columns=columns)  # Arrow's own file reader, multithreaded
         with _call(uri, fs.open, path, "rb") as handle:
-            return pq.read_table(handle, columns=columns, use_threads=PYTHON_FILE_THREADS)
+            return pq.read_table(handle, columns=columns, use_threads=PYTHON_FILE_THREADS, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{uri}: unreadable parquet: {err}") from None
 

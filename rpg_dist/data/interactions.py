@@ -285,9 +285,9 @@ def _raw_batches(uri: str, columns: list[str], storage) -> Iterator[pa.RecordBat
         raise DataError(f"{uri}: file not found")
     with fs.open(path, "rb") as handle:
         if uri.endswith(".parquet"):
-            reader = pq.ParquetFile(handle)
-            _require(reader.schema_arrow.names, columns, uri)
-            yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+            with io.open_parquet(handle) as reader:
+                _require(reader.schema_arrow.names, columns, uri)
+                yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns)
             return
         reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=64 << 20))
         _require(reader.schema.names, columns, uri)
@@ -309,7 +309,7 @@ def _count_rows(uri: str, storage) -> int:
     if uri.endswith(".parquet"):
         with fs.open(path, "rb") as handle:
             try:
-                return pq.ParquetFile(handle).metadata.num_rows
+                return io.open_parquet(handle).metadata.num_rows
             except (pa.ArrowInvalid, OSError) as err:
                 raise DataError(f"{uri}: unreadable table: {err}") from None
     return max(1, fs.size(path) // 32)

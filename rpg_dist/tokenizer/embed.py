@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rpg_dist import io
 from rpg_dist.errors import ConfigError, DataError
@@ -135,7 +134,7 @@ def read_shard_items(shard: shards.Shard, storage: StorageConfig | None) -> tupl
     """The shard's ``(item_ids, texts)``; null/empty text is an error naming file, row and item."""
     fs, path = io.filesystem(shard.file, storage)
     with fs.open(path, "rb") as handle:
-        group = pq.ParquetFile(handle).read_row_group(shard.row_group, columns=["item_id", "text"])
+        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", "text"])
     table = group.slice(shard.offset, shard.length)
     item_ids = table.column("item_id").to_numpy()
     text = table.column("text")

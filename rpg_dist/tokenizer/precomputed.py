@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rpg_dist import io
 from rpg_dist.data import dataset
@@ -128,7 +127,7 @@ def read_shard_vectors(shard: shards.Shard, dim: int, storage: StorageConfig | N
     """
     fs, path = io.filesystem(shard.file, storage)
     with fs.open(path, "rb") as handle:
-        group = pq.ParquetFile(handle).read_row_group(shard.row_group, columns=["item_id", FIELD])
+        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", FIELD])
     table = group.slice(shard.offset, shard.length)
     ids, vectors = table.column("item_id"), table.column(FIELD).combine_chunks()
     for name, column in (("item_id", ids), (FIELD, vectors)):

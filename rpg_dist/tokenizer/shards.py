@@ -309,7 +309,7 @@ def _parquet_metadata(uri: str, storage: StorageConfig | None) -> pq.FileMetaDat
     fs, path = io.filesystem(uri, storage)
     with fs.open(path, "rb") as handle:
         try:
-            return pq.ParquetFile(handle).metadata
+            return io.open_parquet(handle).metadata
         except Exception as err:  # pyarrow raises several types for a corrupt footer
             raise errors.DataError(f"{uri}: unreadable parquet: {err}") from None
 

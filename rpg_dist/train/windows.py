@@ -303,11 +303,9 @@ def read_range_shard(uri: str, rank: int, world: int, storage: StorageConfig | N
 
 
 def _num_rows(uri: str, storage: StorageConfig | None) -> int:
-    import pyarrow.parquet as pq
-
     fs, path = io.filesystem(uri, storage)
     with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+        return io.open_parquet(handle).metadata.num_rows
 
 
 def micro_batches_per_epoch(n_rows: int, world: int, micro: int, accum: int) -> int:
