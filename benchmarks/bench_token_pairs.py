@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -55,19 +54,12 @@ def main() -> None:
     with tp._Pool(args.threads) as pool:
         for pair in args.pairs:
             first, second = (int(x) for x in pair.split(","))
-            totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0}
-            clock = time.perf_counter()
-            pairs = tp._PairOrder(*tp._pair_sort(cod, worst, first, second))
-            sort_s = time.perf_counter() - clock
-            thirds = np.arange(second + 1, n_digit)
-            masks = np.stack([tp._digit_masks((first, second, int(t)), pairs.words.shape[1], n_digit) for t in thirds])
-            clock = time.perf_counter()
-            tp._visit_pair(tab, tables.shape[1], n_digit, pairs, thirds, masks, args.shared, heaps, worst,
-                           tp.CHUNK_PAIRS, pool, totals)
-            visit_s = time.perf_counter() - clock
-            row = {"pair": [first, second], "triples": len(thirds), "sort_s": sort_s, "visit_s": visit_s,
-                   "s_per_triple": (sort_s + visit_s) / max(len(thirds), 1),
-                   "core_ns_per_pair_compared": visit_s * args.threads / max(totals["visited"], 1) * 1e9, **totals}
+            totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "sort_s": 0.0, "visit_s": 0.0}
+            n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, worst, first, second, 3,
+                                     args.shared, tp.CHUNK_PAIRS, pool, totals)
+            row = {"pair": [first, second], "triples": n_triples, **totals,
+                   "s_per_triple": (totals["sort_s"] + totals["visit_s"]) / max(n_triples, 1),
+                   "core_ns_per_pair_compared": totals["visit_s"] * args.threads / max(totals["visited"], 1) * 1e9}
             out["pairs"].append(row)
             print(json.dumps(row), flush=True)
     if args.json:

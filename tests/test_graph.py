@@ -24,6 +24,7 @@ from rpg_dist.graph.stage import build_graph
 from rpg_dist.graph.store import commit_graph, load_graph, read_manifest
 from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.graph.token_blocks import plan_token_blocks, token_block_neighbors
+from rpg_dist.graph import token_pairs
 from rpg_dist.graph.token_pairs import choose_shared, sharing_fraction, token_pair_neighbors
 from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
 from twins import dense_neighbors, dense_sums
@@ -396,6 +397,28 @@ def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, mi
         got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width)
         assert np.array_equal(got, want) and counts["width"] == width
         assert counts["scored"] == n_pairs  # a pair meets in every bucket of its shared digits: scored once
+
+
+@pytest.mark.parametrize("min_shared", [2, 3])
+def test_token_pairs_compare_small_and_large_buckets_alike(min_shared):
+    """Buckets of exactly _SMALL_BUCKET items (compared pair by pair) and of one more (compared
+    vectorised), each holding pairs that share only the bucket's digits, pairs that share more, and
+    pairs whose lowest shared digits are elsewhere (to be left to that bucket)."""
+    rng = np.random.default_rng(3)
+    small = token_pairs._SMALL_BUCKET
+    groups = []
+    for g, size in enumerate((small, small + 1)):
+        codes = rng.integers(20, 256, (size, 6))  # digits 0, 1, 4, 5: rarely shared by chance
+        codes[:, 2:4] = 10 + g  # the bucket: digits (2, 3) shared by the whole group
+        codes[: size // 2, 0] = 5 + g  # half also share digit 0: their lowest pair is (0, 2)
+        codes[:, 4] = rng.integers(0, 3, size)  # a third shared token for some pairs
+        groups.append(codes)
+    codes = torch.from_numpy(np.concatenate([*groups, rng.integers(20, 256, (40, 6))]).astype(np.int16))
+    tables = digit_similarity_tables(random_token_table(6, 256, 16, seed=3))
+    want, n_pairs = _sharing_twin(tables, codes, min_shared, 8)
+    got, counts = token_pair_neighbors(tables, codes, 8, min_shared, threads=1, width=2)
+    assert np.array_equal(got, want)
+    assert counts["scored"] == n_pairs and n_pairs >= small * (small - 1) // 2 // (min_shared - 1)
 
 
 def test_token_pairs_build_chooses_the_shared_tokens_and_fills_every_list():

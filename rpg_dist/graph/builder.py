@@ -311,8 +311,8 @@ def _token_pairs(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sampl
                       f"recall sample (target {cfg.approx_target_recall})", sample_entries_sharing=held,
                       pairs_visited=counts["visited"], pairs_scored=counts["scored"],
                       candidates_per_item_mean=2 * counts["scored"] / max(len(codes_np), 1), threads=threads,
-                      bucket_digits=counts["width"],
-                      rows_completed_exactly=int(len(short)))
+                      bucket_digits=counts["width"], pair_sort_s=round(counts["sort_s"], 2),
+                      pair_visit_s=round(counts["visit_s"], 2), rows_completed_exactly=int(len(short)))
     return neighbors
 
 

@@ -91,7 +91,8 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
 
     Returns:
         (N, n_edges) int32 rows, best first, -1 padded (where fewer items share r tokens); and
-        counts: pairs visited, pairs scored, offers made, list entries changed, bucket width.
+        counts: pairs visited, pairs scored, offers made, list entries changed, bucket width, and the
+        seconds spent sorting items by digit pairs and visiting their buckets.
     """
     n_items, n_digit = codes.shape
     vocab = tables.shape[1]
@@ -105,7 +106,7 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
     heaps = _Lists(n_items, max(n_edges, 1))
     worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root
-    totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width}
+    totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width, "sort_s": 0.0, "visit_s": 0.0}
     with _Pool(threads) as pool:
         _build(tab, vocab, cod, n_digit, heaps.keys, worst, width, min_shared, chunk_pairs, pool, totals)
         neighbors = heaps.release_sorted(pool)
@@ -159,16 +160,28 @@ def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pair
     for (first, second) in itertools.combinations(range(n_digit), 2):
         if width == 3 and second == n_digit - 1:
             continue
-        pairs = _PairOrder(*_pair_sort(cod, worst, first, second))
-        thirds = np.arange(second + 1, n_digit) if width == 3 else np.array([-1])
-        masks = np.stack([_digit_masks((first, second) if t < 0 else (first, second, int(t)), pairs.words.shape[1],
-                                       n_digit) for t in thirds])  # (T, 3, W)
-        _visit_pair(tab, vocab, n_digit, pairs, thirds, masks, min_shared, heaps, worst, chunk_pairs, pool, totals)
-        before, done = done, done + len(thirds)
+        before, done = done, done + _run_pair(tab, vocab, cod, n_digit, heaps, worst, first, second, width,
+                                              min_shared, chunk_pairs, pool, totals)
         if done * 10 // n_tuples > before * 10 // n_tuples:
             log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, n_tuples,
                      "triples" if width == 3 else "pairs", totals["visited"], totals["scored"],
                      time.perf_counter() - clock)
+
+
+def _run_pair(tab, vocab, cod, n_digit, heaps, worst, first, second, width, min_shared, chunk_pairs, pool,
+              totals) -> int:
+    """One digit pair: sort the items by its tokens, then visit its buckets (split by each later digit
+    when ``width`` is 3). Adds the sort's and the visit's seconds to ``totals``; returns the tuples run."""
+    clock = time.perf_counter()
+    pairs = _PairOrder(*_pair_sort(cod, worst, first, second))
+    thirds = np.arange(second + 1, n_digit) if width == 3 else np.array([-1])
+    masks = np.stack([_digit_masks((first, second) if t < 0 else (first, second, int(t)), pairs.words.shape[1],
+                                   n_digit) for t in thirds])  # (T, 3, W)
+    sorted_at = time.perf_counter()
+    _visit_pair(tab, vocab, n_digit, pairs, thirds, masks, min_shared, heaps, worst, chunk_pairs, pool, totals)
+    totals["sort_s"] += sorted_at - clock
+    totals["visit_s"] += time.perf_counter() - sorted_at
+    return len(thirds)
 
 
 class _PairOrder:
