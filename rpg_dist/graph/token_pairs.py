@@ -367,7 +367,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     # Inside a bucket: a byte's high bit marks an equal token; its count and the bucket test decide
     # (small buckets pair by pair; larger ones with their members' words gathered digit-major and
     # compared over all later members at once, straight-line uint64 work the compiler vectorises).
-    # The pairs that pass are queued and scored in blocks digit by digit, so that each digit's
+    # The pairs that pass are queued (across buckets) and scored in blocks digit by digit, so that each digit's
     # (V, V) table (256 KB) stays in cache for the block instead of m tables read at random per pair.
     n_words = words.shape[1]
     cap = 1
@@ -377,7 +377,11 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     member_words = np.empty((n_words, cap), np.uint64)
     shared = np.empty(cap, np.uint64)
     wrong = np.empty(cap, np.uint64)
-    group = np.zeros(258, np.int64)
+    slot = np.full(256, -1, np.int64)  # token -> its group in the current bucket, -1: none yet
+    tokens = np.empty(256, np.int64)
+    begins = np.empty(256, np.int64)
+    counts = np.empty(256, np.int64)
+    cursor = np.empty(256, np.int64)
     queue = np.empty((2, _SCORE_BLOCK), np.int64)  # positions p, q of each pair to score
     block_codes = np.empty((2, _SCORE_BLOCK, n_digit), np.uint8)  # pair-major: digit-major rows alias in L1
     totals = np.empty(_SCORE_BLOCK, np.float32)
@@ -385,30 +389,39 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     while seg < seg_end:
         lo, size = seg_begins[seg], seg_sizes[seg]
         third = thirds[third_index]
-        # Group the pair bucket's items by their token at the third digit (counting sort): group[t]..
-        # group[t + 1] of ``member`` hold token t; no third digit: one group.
-        group[:] = 0
+        # Group the pair bucket's items by their token at the third digit (a counting sort over the
+        # tokens present only: most buckets hold a few items, and a pass over all 256 tokens per
+        # bucket cost more than comparing them at 100k items). Group k: member[begins[k]:] holds
+        # counts[k] items; no third digit: one group.
+        n_groups = 0
         if third < 0:
-            group[1:] = size
             for i in range(size):
                 member[i] = lo + i
+            begins[0], counts[0], n_groups = 0, size, 1
         else:
             for i in range(lo, lo + size):
-                group[np.int64(codes[i, third]) + 2] += 1
-            for t in range(256):
-                group[t + 2] += group[t + 1]
+                t = np.int64(codes[i, third])
+                if slot[t] < 0:
+                    slot[t], tokens[n_groups], counts[n_groups] = n_groups, t, 0
+                    n_groups += 1
+                counts[slot[t]] += 1
+            start = 0
+            for k in range(n_groups):
+                begins[k], cursor[k] = start, start
+                start += counts[k]
             for i in range(lo, lo + size):
-                t = np.int64(codes[i, third]) + 1
-                member[group[t]] = i
-                group[t] += 1
+                k = slot[np.int64(codes[i, third])]
+                member[cursor[k]] = i
+                cursor[k] += 1
+            for k in range(n_groups):
+                slot[tokens[k]] = -1
         n_pairs = 0
-        for t in range(256):
-            g = group[t + 1] - group[t]
-            n_pairs += g * (g - 1) // 2
-        if out - first_slot + 2 * n_pairs > capacity:
+        for k in range(n_groups):
+            n_pairs += counts[k] * (counts[k] - 1) // 2
+        if out - first_slot + 2 * (queued + n_pairs) > capacity:
             break  # the caller applies the offers and calls again from here
-        for t in range(256):
-            begin, g = group[t], group[t + 1] - group[t]
+        for k in range(n_groups):
+            begin, g = begins[k], counts[k]
             if g < 2:
                 continue
             masks_t = masks[third_index]
@@ -448,15 +461,13 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                     if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
                         queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables, vocab,
                                                        n_digit, rows, codes, worst, block_codes, totals, targets, keys)
-        out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
-                           keys, out)
-        scored += queued
-        queued = 0
         visited += n_pairs
         third_index += 1
         if third_index == len(thirds):
             seg, third_index = seg + 1, 0
-    return seg, third_index, out - first_slot, scored, visited
+    out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
+                       keys, out)
+    return seg, third_index, out - first_slot, scored + queued, visited
 
 
 @njit(inline="always")
