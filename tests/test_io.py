@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pyarrow as pa
@@ -178,3 +181,40 @@ def test_storage_options_from_config_and_environment(monkeypatch):
     explicit = io.storage_options("s3://b/k", StorageConfig(endpoint_url="http://cfg:2", key="k", secret="s"))
     assert (explicit["endpoint_url"], explicit["key"], explicit["secret"]) == ("http://cfg:2", "k", "s")
     assert io.storage_options("/local/path", StorageConfig(endpoint_url="http://x")) == {}
+
+
+_THREAD_PROBE = """
+import os, sys
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from rpg_dist import io
+from rpg_dist.data import interactions
+from rpg_dist.tokenizer import embed, precomputed, shards
+
+path = sys.argv[1]
+n = 40_000
+vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n * 4, np.float32)), 4)
+pq.write_table(pa.table({"item_id": np.arange(n), "user_id": np.arange(n), "timestamp": np.arange(n),
+                         "text": [f"item {i}" for i in range(n)], "embedding": vectors}), path, row_group_size=5_000)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+# Readers left mid-file, as a bad row leaves them, and the shard readers of tokenize.
+for n, _ in enumerate(io.iter_parquet(path, columns=["item_id"], batch_size=1_000)):
+    if n == 3:
+        break
+next(iter(interactions._raw_batches(path, ["user_id", "item_id", "timestamp"], None)))
+shard = shards.plan_shards(path, 5_000, None)[2]
+embed.read_shard_items(shard, None)
+precomputed.read_shard_vectors(shard, 4, None)
+print(before, threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_reads_through_python_handles_start_no_arrow_threads(tmp_path):
+    """Arrow threads that call back into a Python file object can still be running at exit and abort
+    the process (add-items exited -6 after a null-text error): such reads stay on the caller's thread."""
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, str(tmp_path / "t.parquet")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = (int(x) for x in out.stdout.split())
+    assert after == before

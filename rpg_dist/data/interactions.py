@@ -287,7 +287,8 @@ def _raw_batches(uri: str, columns: list[str], storage) -> Iterator[pa.RecordBat
         if uri.endswith(".parquet"):
             with io.open_parquet(handle) as reader:
                 _require(reader.schema_arrow.names, columns, uri)
-                yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+                yield from reader.iter_batches(batch_size=BATCH_ROWS, columns=columns,
+                                               use_threads=io.PYTHON_FILE_THREADS)
             return
         reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=64 << 20))
         _require(reader.schema.names, columns, uri)

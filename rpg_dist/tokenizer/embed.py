@@ -134,7 +134,8 @@ def read_shard_items(shard: shards.Shard, storage: StorageConfig | None) -> tupl
     """The shard's ``(item_ids, texts)``; null/empty text is an error naming file, row and item."""
     fs, path = io.filesystem(shard.file, storage)
     with fs.open(path, "rb") as handle:
-        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", "text"])
+        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", "text"],
+                                                          use_threads=io.PYTHON_FILE_THREADS)
     table = group.slice(shard.offset, shard.length)
     item_ids = table.column("item_id").to_numpy()
     text = table.column("text")

@@ -127,7 +127,8 @@ def read_shard_vectors(shard: shards.Shard, dim: int, storage: StorageConfig | N
     """
     fs, path = io.filesystem(shard.file, storage)
     with fs.open(path, "rb") as handle:
-        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", FIELD])
+        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", FIELD],
+                                                          use_threads=io.PYTHON_FILE_THREADS)
     table = group.slice(shard.offset, shard.length)
     ids, vectors = table.column("item_id"), table.column(FIELD).combine_chunks()
     for name, column in (("item_id", ids), (FIELD, vectors)):
