@@ -55,7 +55,8 @@ def main() -> None:
         for pair in args.pairs:
             first, second = (int(x) for x in pair.split(","))
             totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "sort_s": 0.0, "visit_s": 0.0}
-            n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, worst, first, second, 3,
+            every_row = np.empty(0, np.int64)  # lists for all rows: list r is row r's
+            n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, every_row, worst, first, second, 3,
                                      args.shared, tp.CHUNK_PAIRS, pool, totals)
             row = {"pair": [first, second], "triples": n_triples, **totals,
                    "s_per_triple": (totals["sort_s"] + totals["visit_s"]) / max(n_triples, 1),

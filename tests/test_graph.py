@@ -205,15 +205,19 @@ def test_build_graph_stage_writes_and_loads(tmp_path, ray_local):
     assert set(table_on_disk.column("item_id").to_numpy()) <= set(item_ids)
 
 
-@pytest.mark.parametrize("mode", ["exact", "approx"])
-def test_streamed_build_writes_what_the_in_memory_build_computes(mode, tmp_path):
-    """Workers write their tasks' parts; the driver never holds the lists, and loads back the same graph."""
+@pytest.mark.parametrize("mode,method", [("exact", "token_blocks"), ("approx", "token_blocks"),
+                                         ("approx", "token_pairs")])
+def test_streamed_build_writes_what_the_in_memory_build_computes(mode, method, tmp_path):
+    """Workers write their tasks' parts; the driver never holds the lists, and loads back the same graph
+    (token pairs: each worker keeps the lists of its share of the rows only)."""
     run_dir = str(tmp_path / "run")
     item_ids, codes = _tiny_run(run_dir, n_items=500)
     table = random_token_table(8, 256, 16, seed=9)
-    cfg = GraphConfig(mode=mode, n_edges=15, block_size=64, n_partitions=3, approx_method="token_blocks",
-                      approx_token_groups=64, recall_sample=100, local_max_items=10**9)
+    cfg = GraphConfig(mode=mode, n_edges=15, block_size=64, n_partitions=3, approx_method=method,
+                      approx_token_groups=64, approx_shared_digits=2, recall_sample=100, local_max_items=10**9)
     streamed = stream_item_graph(table, torch.from_numpy(codes), cfg, RunPaths(run_dir).graph, item_ids, seed=0)
+    if method == "token_pairs":
+        assert streamed.info["approx_method"] == "token_pairs" and streamed.info["pairs_scored"] > 0
     commit_graph(run_dir, {"n_edges": 15, **streamed.info}, streamed.stats, streamed.files, streamed.digests)
     graph = load_graph(run_dir, ItemIndex(item_ids))
     in_memory = build_item_graph(table, torch.from_numpy(codes), cfg, seed=0)
@@ -263,6 +267,24 @@ def test_build_graph_stage_streams_on_ray_actors_and_a_dead_worker_keeps_the_gra
     listed = {name for names in second["files"].values() for name in names}
     on_disk = {uri.rsplit("/", 1)[-1] for uri in io.list_files(RunPaths(run_dir).graph, ".parquet")}
     assert on_disk == listed and load_graph(run_dir, index).neighbors.shape == (400, 12)
+
+
+def test_token_pairs_stream_on_ray_actors_each_keeping_its_share(tmp_path, ray_local):
+    run_dir = str(tmp_path / "run")
+    item_ids, codes = _tiny_run(run_dir, n_items=600, n_digit=12)
+    codes = torch.from_numpy(codes)
+    table = random_token_table(12, 256, 16, seed=4)
+    graph = {"mode": "approx", "approx_method": "token_pairs", "n_edges": 10, "n_partitions": 2, "recall_sample": 100,
+             "local_max_items": 0, "stream_min_items": 0, "stream_token_pairs": True}
+    manifest = build_graph(config_from_dict({"dataset": "unused", "run_dir": run_dir, "graph": graph}),
+                           token_embeddings=table)
+    assert manifest["workers"] == "2 Ray actors" and "streamed build" in manifest["partition_method"]
+    assert manifest["approx_method"] == "token_pairs" and "approx_fallback_from" not in manifest
+    r = manifest["approx_shared_digits"]
+    in_memory = build_item_graph(table, codes, GraphConfig(**{**graph, "approx_shared_digits": r,
+                                                              "local_max_items": 10**9}), seed=0)
+    assert np.array_equal(load_graph(run_dir, ItemIndex(item_ids)).neighbors, in_memory.neighbors)
+    assert read_manifest(run_dir)["rows_completed_exactly"] == in_memory.info["rows_completed_exactly"]
 
 
 def test_build_graph_on_s3(s3_bucket, ray_local):
@@ -397,6 +419,11 @@ def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, mi
         got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width)
         assert np.array_equal(got, want) and counts["width"] == width
         assert counts["scored"] == n_pairs  # a pair meets in every bucket of its shared digits: scored once
+    # A streamed build's share: the lists of some rows only (a block and a scattered set), the same.
+    some = np.unique(np.concatenate([np.arange(100, 400), np.arange(0, 700, 7)]))
+    for threads, chunk, width in runs:
+        got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width, rows=some)
+        assert np.array_equal(got, want[some]) and counts["scored"] < n_pairs
 
 
 @pytest.mark.parametrize("min_shared", [2, 3])

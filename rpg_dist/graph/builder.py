@@ -126,6 +126,7 @@ class GraphWorker:
         self.query_block = query_block
         self.approx = approx or {}
         self.writer = writer
+        self.threads = threads
         if self.approx.get("method") == "faiss_index":
             import faiss
 
@@ -134,8 +135,20 @@ class GraphWorker:
 
     def stream(self, method: str, args: tuple, task: int) -> dict[str, Any]:
         """Run ``method(*args)`` and write its lists as this task's parts (``PartWriter.write``)."""
-        rows, lists = getattr(self, method)(*args)
-        return self.writer.write(task, rows, lists)
+        rows, lists, *counts = getattr(self, method)(*args)
+        return {**self.writer.write(task, rows, lists), "counts": counts[0] if counts else {}}
+
+    def token_pairs(self, rows: np.ndarray, min_shared: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """token_pairs: lists of ``rows`` over the items sharing ``min_shared`` tokens with them (the
+        whole catalogue's pairs visited, only those with an end in ``rows`` scored); rows with fewer
+        such partners than n_edges get their exact lists. Returns rows, lists and the kernel's counts."""
+        rows = np.asarray(rows, np.int64)
+        found, counts = token_pair_neighbors(self.tables, self.codes, self.n_edges, min_shared,
+                                             self.threads or torch.get_num_threads(), rows=rows)
+        short = np.flatnonzero((found >= 0).sum(axis=1) < self.n_edges)
+        if len(short):
+            found[short] = self.exact(rows[short])
+        return rows, found, {**counts, "rows_completed_exactly": len(short)}
 
     def token_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """token_blocks: neighbours of ``rows`` over their shared-token blocks."""
@@ -181,7 +194,8 @@ class _Setup:
     local: bool
 
 
-def _setup(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, seed: int) -> _Setup:
+def _setup(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, seed: int,
+           streamed: bool = False) -> _Setup:
     n_items = codes.shape[0]
     clock = time.perf_counter()
     tables = digit_similarity_tables(token_embeddings)  # (m, V, V)
@@ -192,8 +206,9 @@ def _setup(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig
         approx = _approx_payload(token_embeddings, codes, cfg, n_edges, seed)
         timings["approx_index_s"] = time.perf_counter() - clock
         info = _describe(approx, cfg)
-    # token_pairs builds in this process (its lists are its state); so does the exact recall sample.
-    local = n_items <= cfg.local_max_items or is_token_pairs(approx)
+    # token_pairs builds in this process (its lists are its state) unless streamed; so does the
+    # exact recall sample.
+    local = n_items <= cfg.local_max_items or (is_token_pairs(approx) and not streamed)
     return _Setup(tables, codes.to(torch.int16).contiguous(), n_edges, mode, approx, info, timings, local)
 
 
@@ -287,6 +302,23 @@ def _token_pairs(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sampl
 
     Items that share the tokens with fewer than n_edges others (isolated ones) get exact lists, so
     every list is full and graph decoding can leave every item."""
+    shared = _shared_tokens(setup, cfg, token_embeddings, codes, sample, exact_sample, seed)
+    if shared < 2:
+        return None
+    clock = time.perf_counter()
+    threads = cfg.local_threads or torch.get_num_threads()
+    neighbors, counts = token_pair_neighbors(setup.tables, setup.codes16, setup.n_edges, shared, threads)
+    short = np.flatnonzero((neighbors >= 0).sum(axis=1) < setup.n_edges)
+    if len(short):
+        neighbors[short] = workers.exact(short)
+    setup.timings["neighbors_s"] = time.perf_counter() - clock
+    _token_pair_info(setup, {**counts, "rows_completed_exactly": len(short)}, len(codes), threads)
+    return neighbors
+
+
+def _shared_tokens(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sample, exact_sample, seed: int) -> int:
+    """r for token pairs, given or chosen from the sample's exact lists (recorded in ``setup.info``);
+    below 2 ``setup`` is switched to a token-blocks plan (its workers must be made anew)."""
     codes_np = codes.numpy()
     shared = cfg.approx_shared_digits or choose_shared(codes_np, sample, exact_sample, cfg.approx_target_recall)
     held = sharing_fraction(codes_np, sample, exact_sample, max(shared, 2)) if sample is not None else None
@@ -297,23 +329,21 @@ def _token_pairs(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sampl
         setup.approx = _approx_payload(token_embeddings, codes, blocks, setup.n_edges, seed)
         setup.info = {**_describe(setup.approx, blocks), "approx_fallback_from": "token_pairs"}
         setup.local = len(codes_np) <= cfg.local_max_items
-        return None
+        return shared
     log.info("graph: token pairs sharing >= %d tokens (%s of the recall sample's exact lists share as many)",
              shared, "n/a" if held is None else f"{held:.4f}")
-    clock = time.perf_counter()
-    threads = cfg.local_threads or torch.get_num_threads()
-    neighbors, counts = token_pair_neighbors(setup.tables, setup.codes16, setup.n_edges, shared, threads)
-    short = np.flatnonzero((neighbors >= 0).sum(axis=1) < setup.n_edges)
-    if len(short):
-        neighbors[short] = workers.exact(short)
-    setup.timings["neighbors_s"] = time.perf_counter() - clock
     setup.info.update(approx_shared_digits=shared, shared_digits_from="config" if cfg.approx_shared_digits else
-                      f"recall sample (target {cfg.approx_target_recall})", sample_entries_sharing=held,
-                      pairs_visited=counts["visited"], pairs_scored=counts["scored"],
-                      candidates_per_item_mean=2 * counts["scored"] / max(len(codes_np), 1), threads=threads,
+                      f"recall sample (target {cfg.approx_target_recall})", sample_entries_sharing=held)
+    return shared
+
+
+def _token_pair_info(setup: _Setup, counts: dict[str, Any], n_items: int, threads: int) -> None:
+    """The kernel's counts (summed over a streamed build's tasks) into the graph's info."""
+    setup.info.update(pairs_visited=counts["visited"], pairs_scored=counts["scored"],
+                      candidates_per_item_mean=2 * counts["scored"] / max(n_items, 1), threads=threads,
                       bucket_digits=counts["width"], pair_sort_s=round(counts["sort_s"], 2),
-                      pair_visit_s=round(counts["visit_s"], 2), rows_completed_exactly=int(len(short)))
-    return neighbors
+                      pair_visit_s=round(counts["visit_s"], 2),
+                      rows_completed_exactly=int(counts["rows_completed_exactly"]))
 
 
 def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: GraphConfig, graph_dir: str,
@@ -327,30 +357,44 @@ def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: 
         item_ids: (N,) int64 item id of each dense row (part files hold ids, not rows).
         Others as ``build_item_graph``.
     """
-    if cfg.resolved_mode(codes.shape[0]) == "approx" and cfg.approx_method == "token_pairs":
-        raise ValueError("approx_method token_pairs builds in one process (build_item_graph); it does not stream")
     n_items = codes.shape[0]
-    setup = _setup(token_embeddings, codes, cfg, seed)
+    setup = _setup(token_embeddings, codes, cfg, seed, streamed=True)
     clock = time.perf_counter()
     partition, method = _partition(token_embeddings, codes, None, cfg, seed)
     setup.timings["partition_s"] = time.perf_counter() - clock
     sample = _recall_sample(n_items, cfg.recall_sample, seed) if setup.mode == "approx" else np.empty(0, np.int64)
     writer = PartWriter(graph_dir, np.asarray(item_ids, np.int64), partition, sample, storage)
     workers = _workers(setup, cfg, writer)
+    exact_sample = None
     try:
-        clock = time.perf_counter()
         # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
         order = np.argsort(partition, kind="stable")
-        tasks = _tasks(order, cfg.block_size, setup.approx, workers.count)
+        if is_token_pairs(setup.approx):
+            # The sample's exact lists first: they choose r. One task per worker (each sorts the
+            # whole catalogue per digit pair), its rows whole partitions where it can.
+            chooser = sample if len(sample) else _recall_sample(n_items, SHARED_SAMPLE, seed)
+            exact_chooser = _exact_sample(workers, chooser, setup.timings)
+            exact_sample = exact_chooser if len(sample) else None
+            shared = _shared_tokens(setup, cfg, token_embeddings, codes, chooser, exact_chooser, seed)
+            if shared < 2:  # token blocks instead: new workers hold its plan
+                workers.close()
+                workers = _workers(setup, cfg, writer)
+        clock = time.perf_counter()
+        if is_token_pairs(setup.approx):
+            tasks = [("token_pairs", (np.sort(rows), shared)) for rows in np.array_split(order, workers.count)]
+        else:
+            tasks = _tasks(order, cfg.block_size, setup.approx, workers.count)
         streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
         merged = _merge_reports(workers.run(streamed), n_items)
         setup.timings["neighbors_s"] = time.perf_counter() - clock
+        if is_token_pairs(setup.approx):
+            _token_pair_info(setup, merged["counts"], n_items, cfg.threads_per_actor if not setup.local else 1)
         stats = {}
         if len(sample):
             clock = time.perf_counter()
             found = np.full((len(sample), setup.n_edges), -1, np.int32)
             found[np.searchsorted(sample, merged["sample_rows"])] = merged["sample_lists"]
-            stats = _recall_stats(found, workers.exact(sample))
+            stats = _recall_stats(found, exact_sample if exact_sample is not None else workers.exact(sample))
             setup.timings["recall_s"] = time.perf_counter() - clock
     finally:
         workers.close()
@@ -425,7 +469,7 @@ class _WrittenParts:
 def _merge_reports(reports: Iterator[dict[str, Any]], n_items: int) -> dict[str, Any]:
     """Every task's ``PartWriter.write`` report into the manifest's files and the graph's counts."""
     files: dict[str, list[str]] = {}
-    merged: dict[str, Any] = {"digests": {}, "degree_min": None, "degree_sum": 0, "cross_edges": 0}
+    merged: dict[str, Any] = {"digests": {}, "degree_min": None, "degree_sum": 0, "cross_edges": 0, "counts": {}}
     sample_rows, sample_lists, done = [], [], 0
     for report in reports:
         for part, name in report["files"].items():
@@ -436,6 +480,8 @@ def _merge_reports(reports: Iterator[dict[str, Any]], n_items: int) -> dict[str,
             merged["degree_min"] = low if merged["degree_min"] is None else min(merged["degree_min"], low)
         merged["degree_sum"] += report["degree_sum"]
         merged["cross_edges"] += report["cross_edges"]
+        for name, value in report.get("counts", {}).items():  # token pairs: the kernel's, summed over tasks
+            merged["counts"][name] = value if name == "width" else merged["counts"].get(name, 0) + value
         sample_rows.append(report["sample_rows"])
         sample_lists.append(report["sample_lists"])
         done += report["rows"]

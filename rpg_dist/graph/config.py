@@ -49,6 +49,12 @@ class GraphConfig:
     # (graph/approx.py): k-means lists or any faiss index over reduced item vectors -- fast, but only
     # for codes that cluster cleanly (synthetic taxonomies); on real codes their recall is ~0.4.
     approx_method: Literal["token_pairs", "token_blocks", "ivf_blocks", "faiss_index"] = "token_pairs"
+    # token_pairs above stream_min_items: build on the Ray actors too, each keeping the lists of its
+    # share of the partitions only and writing their parts (never the whole graph in one process).
+    # Each actor sorts the whole catalogue's codes per digit pair (N x 32 bytes, every actor) and
+    # scores the pairs with one end in its share, so pairs across shares are scored twice. Off: the
+    # lists are built in this process (fewer comparisons; 14 GiB peak at 10M x 100).
+    stream_token_pairs: bool = False
     # token_pairs: tokens a pair must share to be scored (>= 2), or 0: the largest number that the
     # exact lists of the recall sample (computed first; 200 items when recall_sample is 0) share
     # with their items in at least approx_target_recall of their entries; below 2 the build falls

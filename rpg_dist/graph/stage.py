@@ -63,9 +63,11 @@ def build_graph(cfg: Config, token_embeddings: torch.Tensor | None = None) -> di
             f"{codes.shape[1]}-digit codes of {paths.semantic_ids}"
         )
     # Streamed: on Ray actors, which write the parts themselves (never the whole graph in one process).
-    # Token pairs are not: their lists are their state (graph/token_pairs.py).
+    # Token pairs only when asked (graph.stream_token_pairs): by default their lists are this
+    # process's state (graph/token_pairs.py).
+    token_pairs = cfg.graph.resolved_mode(codes.shape[0]) == "approx" and cfg.graph.approx_method == "token_pairs"
     streamed = (codes.shape[0] > max(cfg.graph.local_max_items, cfg.graph.stream_min_items)
-                and not (cfg.graph.resolved_mode(codes.shape[0]) == "approx" and cfg.graph.approx_method == "token_pairs"))
+                and (cfg.graph.stream_token_pairs or not token_pairs))
     if codes.shape[0] > cfg.graph.local_max_items:
         init_ray(cfg.ray)
     log.info("graph: %d items, mode %s, %d edges", codes.shape[0], cfg.graph.resolved_mode(codes.shape[0]),

@@ -31,8 +31,10 @@ so the lists do not depend on the number of threads or rounds.
 Memory: the (N, k) int64 lists (8 bytes per edge: 8 GB at 10M items x 100 edges, handed back block
 by block as the (N, k) int32 result is written: 14.2 GiB peak for the 10M build), one pair-sorted
 copy of the codes (N x 32 bytes) and the offer buffer (12 bytes an offer, at least the largest pair
-bucket's s (s - 1) per thread). The lists live in this process: unlike token blocks this build is
-neither spread over Ray actors nor streamed.
+bucket's s (s - 1) per thread). The lists live in the building process; a streamed build
+(``rows``: one share of the catalogue per Ray actor) keeps only its share's lists, but every share
+sorts the whole catalogue's codes per digit pair, visits every bucket that holds one of its rows and
+scores the pairs with an end among them (a pair across two shares is scored by both).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Pairs per round and thread: offers (at most 2 per pair, 12 bytes each) are buffered for one round.
 CHUNK_PAIRS = 1 << 22
+# The list root of an item whose list this build does not keep (``rows`` given): no key beats it,
+# so it is never offered anything.
+NOT_OWNED = np.iinfo(np.int64).max
 
 
 def sharing_fraction(codes: np.ndarray, rows: np.ndarray, lists: np.ndarray, min_shared: int) -> float:
@@ -77,8 +82,10 @@ def choose_shared(codes: np.ndarray, rows: np.ndarray, exact_lists: np.ndarray, 
 
 
 def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, min_shared: int, threads: int,
-                         chunk_pairs: int = CHUNK_PAIRS, width: int | None = None) -> tuple[np.ndarray, dict]:
-    """The best ``n_edges`` items of every item among those sharing ``min_shared`` tokens with it.
+                         chunk_pairs: int = CHUNK_PAIRS, width: int | None = None,
+                         rows: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The best ``n_edges`` items of every item (or of ``rows``) among those sharing ``min_shared``
+    tokens with it.
 
     Args:
         tables: (m, V, V) symmetric digit cosine tables (``similarity.digit_similarity_tables``).
@@ -88,9 +95,13 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         threads: threads of the kernels.
         chunk_pairs: pairs a thread visits between two rounds of list updates (bounds the offer buffer).
         width: digits per bucket key (2, or 3 when min_shared >= 3); default ``bucket_width``.
+        rows: sorted rows whose lists to build (a streamed build's share; default all): only the
+            buckets holding one of them are compared, only pairs with one of them scored, and
+            lists are kept for them alone.
 
     Returns:
-        (N, n_edges) int32 rows, best first, -1 padded (where fewer items share r tokens); and
+        (N or len(rows), n_edges) int32 rows, best first, -1 padded (where fewer items share r
+        tokens); and
         counts: pairs visited, pairs scored, offers made, list entries changed, bucket width, and the
         seconds spent sorting items by digit pairs and visiting their buckets.
     """
@@ -104,11 +115,17 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
     width = width or bucket_width(n_items, n_digit, min_shared)
     if not 2 <= width <= min(3, min_shared):
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
-    heaps = _Lists(n_items, max(n_edges, 1))
-    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each heap's root
+    heaps = _Lists(n_items if rows is None else len(rows), max(n_edges, 1))
+    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each kept list's root, NOT_OWNED for the others
+    slot = np.empty(0, np.int64)  # row -> its list (empty: row r's list is list r)
+    if rows is not None:
+        worst[:] = NOT_OWNED
+        worst[rows] = MIN_KEY
+        slot = np.full(n_items, -1, np.int64)
+        slot[rows] = np.arange(len(rows))  # (N,) list of each kept row
     totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width, "sort_s": 0.0, "visit_s": 0.0}
     with _Pool(threads) as pool:
-        _build(tab, vocab, cod, n_digit, heaps.keys, worst, width, min_shared, chunk_pairs, pool, totals)
+        _build(tab, vocab, cod, n_digit, heaps.keys, slot, worst, width, min_shared, chunk_pairs, pool, totals)
         neighbors = heaps.release_sorted(pool)
     return neighbors, totals
 
@@ -140,7 +157,7 @@ class _Lists:
         return neighbors
 
 
-def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pairs, pool, totals) -> None:
+def _build(tab, vocab, cod, n_digit, heaps, slot, worst, width, min_shared, chunk_pairs, pool, totals) -> None:
     """Every tuple of ``width`` digits in lexicographic order, each pair offered to both heaps.
 
     Per digit pair the items are sorted by their two tokens (a counting sort over 2^16 keys) and their
@@ -160,7 +177,7 @@ def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pair
     for (first, second) in itertools.combinations(range(n_digit), 2):
         if width == 3 and second == n_digit - 1:
             continue
-        before, done = done, done + _run_pair(tab, vocab, cod, n_digit, heaps, worst, first, second, width,
+        before, done = done, done + _run_pair(tab, vocab, cod, n_digit, heaps, slot, worst, first, second, width,
                                               min_shared, chunk_pairs, pool, totals)
         if done * 10 // n_tuples > before * 10 // n_tuples:
             log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, n_tuples,
@@ -168,7 +185,7 @@ def _build(tab, vocab, cod, n_digit, heaps, worst, width, min_shared, chunk_pair
                      time.perf_counter() - clock)
 
 
-def _run_pair(tab, vocab, cod, n_digit, heaps, worst, first, second, width, min_shared, chunk_pairs, pool,
+def _run_pair(tab, vocab, cod, n_digit, heaps, slot, worst, first, second, width, min_shared, chunk_pairs, pool,
               totals) -> int:
     """One digit pair: sort the items by its tokens, then visit its buckets (split by each later digit
     when ``width`` is 3). Adds the sort's and the visit's seconds to ``totals``; returns the tuples run."""
@@ -178,7 +195,7 @@ def _run_pair(tab, vocab, cod, n_digit, heaps, worst, first, second, width, min_
     masks = np.stack([_digit_masks((first, second) if t < 0 else (first, second, int(t)), pairs.words.shape[1],
                                    n_digit) for t in thirds])  # (T, 3, W)
     sorted_at = time.perf_counter()
-    _visit_pair(tab, vocab, n_digit, pairs, thirds, masks, min_shared, heaps, worst, chunk_pairs, pool, totals)
+    _visit_pair(tab, vocab, n_digit, pairs, thirds, masks, min_shared, heaps, slot, worst, chunk_pairs, pool, totals)
     totals["sort_s"] += sorted_at - clock
     totals["visit_s"] += time.perf_counter() - sorted_at
     return len(thirds)
@@ -246,7 +263,7 @@ def _padded_codes(codes: np.ndarray) -> np.ndarray:
     return padded
 
 
-def _visit_pair(tab, vocab, n_digit, pairs: _PairOrder, thirds, masks, min_shared, heaps, worst, chunk_pairs,
+def _visit_pair(tab, vocab, n_digit, pairs: _PairOrder, thirds, masks, min_shared, heaps, slot, worst, chunk_pairs,
                 pool: _Pool, totals) -> None:
     """Visit every bucket of one digit pair (its pair buckets split by each third digit), in rounds:
     the threads visit disjoint pair buckets and append offers to their own stretch of one buffer until
@@ -263,15 +280,16 @@ def _visit_pair(tab, vocab, n_digit, pairs: _PairOrder, thirds, masks, min_share
     while any(state[t][0] < bounds[t + 1] for t in range(pool.threads)):
         results = pool.map_ranges(list(range(pool.threads + 1)), lambda t, _: _visit_segments(
             tab, vocab, n_digit, pairs.rows, pairs.codes, pairs.words, pairs.worst, pairs.begins, sizes, thirds,
-            masks, min_shared, targets, keys, t * capacity, capacity, state[t][0], state[t][1], bounds[t + 1]))
+            masks, min_shared, targets, keys, t * capacity, capacity, state[t][0], state[t][1], bounds[t + 1],
+            len(slot) > 0))
         state = [(int(r[0]), int(r[1])) for r in results]
         starts = np.arange(pool.threads, dtype=np.int64) * capacity
         ends = starts + np.array([r[2] for r in results], np.int64)
         totals["visited"] += sum(int(r[4]) for r in results)
         totals["scored"] += sum(int(r[3]) for r in results)
         totals["offers"] += int((ends - starts).sum())
-        totals["changed"] += sum(pool.map_rows(len(worst), lambda lo, hi: _apply(heaps, worst, targets, keys, starts,
-                                                                                 ends, lo, hi)))
+        totals["changed"] += sum(pool.map_rows(len(worst), lambda lo, hi: _apply(heaps, slot, worst, targets, keys,
+                                                                                 starts, ends, lo, hi)))
 
 
 def _digit_masks(digits: tuple[int, ...], n_words: int, n_digit: int) -> np.ndarray:
@@ -359,10 +377,12 @@ def _pair_test(words, masks, p, q, min_shared):
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begins, seg_sizes, thirds, masks,
-                    min_shared, targets, keys, first_slot, capacity, seg, third_index, seg_end):
+                    min_shared, targets, keys, first_slot, capacity, seg, third_index, seg_end, some_rows):
     # Pair buckets [seg, seg_end), from the given third digit on; stops before a (pair bucket, third)
     # whose pairs could overflow the thread's stretch of the offer buffer. Returns the next (pair
-    # bucket, third index), offers written, pairs scored and pairs visited.
+    # bucket, third index), offers written, pairs scored and pairs visited. ``some_rows``: lists are
+    # kept for some rows only (root NOT_OWNED for the others): buckets without one of them are
+    # skipped, and pairs with neither end among them are not scored.
     #
     # Inside a bucket: a byte's high bit marks an equal token; its count and the bucket test decide
     # (small buckets pair by pair; larger ones with their members' words gathered digit-major and
@@ -424,12 +444,21 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
             begin, g = begins[k], counts[k]
             if g < 2:
                 continue
+            if some_rows:
+                kept = 0
+                for i in range(begin, begin + g):
+                    kept += worst[member[i]] != NOT_OWNED
+                if kept == 0:
+                    continue
+            visited += g * (g - 1) // 2
             masks_t = masks[third_index]
             if g <= _SMALL_BUCKET:
                 for i in range(begin, begin + g - 1):
                     p = member[i]
                     for j in range(i + 1, begin + g):
                         q = member[j]
+                        if some_rows and worst[p] == NOT_OWNED and worst[q] == NOT_OWNED:
+                            continue
                         if _pair_test(words, masks_t, p, q, min_shared):
                             queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit,
                                                            rows, codes, worst, block_codes, totals, targets, keys)
@@ -457,11 +486,14 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                             shared[j] += count
                             wrong[j] |= bad
                 p = member[begin + i]
+                if some_rows and worst[p] == NOT_OWNED:  # only pairs with a kept list: mark the others wrong
+                    for j in range(i + 1, g):
+                        if worst[member[begin + j]] == NOT_OWNED:
+                            wrong[j] = 1
                 for j in range(i + 1, g):
                     if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
                         queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables, vocab,
                                                        n_digit, rows, codes, worst, block_codes, totals, targets, keys)
-        visited += n_pairs
         third_index += 1
         if third_index == len(thirds):
             seg, third_index = seg + 1, 0
@@ -538,16 +570,19 @@ def _push(heap, key):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _apply(heaps, worst, targets, keys, starts, ends, lo, hi):
+def _apply(heaps, slot, worst, targets, keys, starts, ends, lo, hi):
     # Each thread owns the lists of rows [lo, hi) and applies their offers (the lists keep the best
     # distinct keys offered, whatever their order: they do not depend on the thread count).
     changed = 0
+    every_row = len(slot) == 0
     for r in range(len(starts)):
         for n in range(starts[r], ends[r]):
             p = targets[n]
-            if lo <= p < hi and _push(heaps[p], keys[n]):
-                changed += 1
-                worst[p] = heaps[p, 0]
+            if lo <= p < hi:
+                heap = heaps[p] if every_row else heaps[slot[p]]
+                if _push(heap, keys[n]):
+                    changed += 1
+                    worst[p] = heap[0]
     return changed
 
 
