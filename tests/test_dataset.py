@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +14,7 @@ from rpg_dist import io
 from rpg_dist.config import StorageConfig
 from rpg_dist.data import dataset
 from rpg_dist.data.dataset import DatasetWriter
+from rpg_dist.data.items import ItemIndex, sorted_lookup
 from rpg_dist.errors import DataError, StorageError
 
 
@@ -156,3 +159,17 @@ def test_parquet_parts_are_plain_parquet(tmp_path):
     _write(uri, _items(), _seqs())
     table = pq.read_table(str(tmp_path / "ds" / "sequences"))
     assert table.schema.field("item_ids").type == pa.list_(pa.int64())
+
+
+@pytest.mark.parametrize("first", [1, 0, -5, 2**62])
+def test_consecutive_ids_are_found_without_a_search_as_by_the_sorted_lookup(first):
+    """ItemIndex's arithmetic path for consecutive ids against the plain binary search over the ids."""
+    ids = first + np.random.default_rng(0).permutation(1000)
+    index = ItemIndex(ids)
+    assert index.first == first
+    queries = np.concatenate([np.arange(first - 50, first + 1050), [-2**63, 2**63 - 1, first - 2**62, 0, -1]])
+    rows, known = index.find(queries.reshape(-1, 5))
+    want_rows, want_known = sorted_lookup(np.sort(ids), queries)
+    assert np.array_equal(known.ravel(), want_known) and known.sum() >= 1000
+    assert np.array_equal(rows.ravel()[want_known], want_rows[want_known])
+    assert ItemIndex(np.array([3, 4, 6])).first is None  # a gap: the binary search
