@@ -414,9 +414,17 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         # bucket cost more than comparing them at 100k items). Group k: member[begins[k]:] holds
         # counts[k] items; no third digit: one group.
         n_groups = 0
+        # With some rows' lists kept, a group's members with a kept list come first (two passes):
+        # a member after them pairs only with members without one, so it ends the group's pairs.
         if third < 0:
-            for i in range(size):
-                member[i] = lo + i
+            n = 0
+            for kept_first in (True, False):
+                for i in range(lo, lo + size):
+                    if not some_rows or (worst[i] != NOT_OWNED) == kept_first:
+                        member[n] = i
+                        n += 1
+                if not some_rows:
+                    break
             begins[0], counts[0], n_groups = 0, size, 1
         else:
             for i in range(lo, lo + size):
@@ -429,10 +437,14 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
             for k in range(n_groups):
                 begins[k], cursor[k] = start, start
                 start += counts[k]
-            for i in range(lo, lo + size):
-                k = slot[np.int64(codes[i, third])]
-                member[cursor[k]] = i
-                cursor[k] += 1
+            for kept_first in (True, False):
+                for i in range(lo, lo + size):
+                    if not some_rows or (worst[i] != NOT_OWNED) == kept_first:
+                        k = slot[np.int64(codes[i, third])]
+                        member[cursor[k]] = i
+                        cursor[k] += 1
+                if not some_rows:
+                    break
             for k in range(n_groups):
                 slot[tokens[k]] = -1
         n_pairs = 0
@@ -444,21 +456,22 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
             begin, g = begins[k], counts[k]
             if g < 2:
                 continue
+            kept = g
             if some_rows:
                 kept = 0
-                for i in range(begin, begin + g):
-                    kept += worst[member[i]] != NOT_OWNED
+                while kept < g and worst[member[begin + kept]] != NOT_OWNED:
+                    kept += 1
                 if kept == 0:
                     continue
-            visited += g * (g - 1) // 2
+            visited += kept * (kept - 1) // 2 + kept * (g - kept)  # the pairs with a kept list
             masks_t = masks[third_index]
             if g <= _SMALL_BUCKET:
                 for i in range(begin, begin + g - 1):
                     p = member[i]
+                    if some_rows and worst[p] == NOT_OWNED:
+                        break  # the rest of the group keeps no list either
                     for j in range(i + 1, begin + g):
                         q = member[j]
-                        if some_rows and worst[p] == NOT_OWNED and worst[q] == NOT_OWNED:
-                            continue
                         if _pair_test(words, masks_t, p, q, min_shared):
                             queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit,
                                                            rows, codes, worst, block_codes, totals, targets, keys)
@@ -467,6 +480,8 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                 for w in range(n_words):
                     member_words[w, i] = words[member[begin + i], w]
             for i in range(g - 1):
+                if some_rows and worst[member[begin + i]] == NOT_OWNED:
+                    break  # the rest of the group keeps no list either
                 for h in range(0, n_words, 4):  # 4 words (32 digits) at a time, unrolled
                     a0, a1 = member_words[h, i], member_words[h + 1, i]
                     a2, a3 = member_words[h + 2, i], member_words[h + 3, i]
@@ -486,10 +501,6 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                             shared[j] += count
                             wrong[j] |= bad
                 p = member[begin + i]
-                if some_rows and worst[p] == NOT_OWNED:  # only pairs with a kept list: mark the others wrong
-                    for j in range(i + 1, g):
-                        if worst[member[begin + j]] == NOT_OWNED:
-                            wrong[j] = 1
                 for j in range(i + 1, g):
                     if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
                         queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables, vocab,
