@@ -394,6 +394,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     for p in range(seg, seg_end):
         cap = max(cap, seg_sizes[p])
     member = np.empty(cap, np.int64)  # positions of the bucket's items, grouped by third token
+    order = np.empty(cap, np.int64)  # with some rows kept: the bucket's positions, kept ones first
     member_words = np.empty((n_words, cap), np.uint64)
     shared = np.empty(cap, np.uint64)
     wrong = np.empty(cap, np.uint64)
@@ -417,14 +418,11 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         # With some rows' lists kept, a group's members with a kept list come first (two passes):
         # a member after them pairs only with members without one, so it ends the group's pairs.
         if third < 0:
-            n = 0
-            for kept_first in (True, False):
-                for i in range(lo, lo + size):
-                    if not some_rows or (worst[i] != NOT_OWNED) == kept_first:
-                        member[n] = i
-                        n += 1
-                if not some_rows:
-                    break
+            if some_rows:
+                _kept_first(worst, lo, size, member)
+            else:
+                for i in range(size):
+                    member[i] = lo + i
             begins[0], counts[0], n_groups = 0, size, 1
         else:
             for i in range(lo, lo + size):
@@ -437,14 +435,13 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
             for k in range(n_groups):
                 begins[k], cursor[k] = start, start
                 start += counts[k]
-            for kept_first in (True, False):
-                for i in range(lo, lo + size):
-                    if not some_rows or (worst[i] != NOT_OWNED) == kept_first:
-                        k = slot[np.int64(codes[i, third])]
-                        member[cursor[k]] = i
-                        cursor[k] += 1
-                if not some_rows:
-                    break
+            if some_rows:
+                _kept_first(worst, lo, size, order)
+            for n in range(size):
+                i = order[n] if some_rows else lo + n
+                k = slot[np.int64(codes[i, third])]
+                member[cursor[k]] = i
+                cursor[k] += 1
             for k in range(n_groups):
                 slot[tokens[k]] = -1
         n_pairs = 0
@@ -511,6 +508,20 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
                        keys, out)
     return seg, third_index, out - first_slot, scored + queued, visited
+
+
+@njit(inline="always")
+def _kept_first(worst, lo, size, out):
+    """Positions lo..lo+size into ``out``, those whose list is kept first (each part in order)."""
+    n = 0
+    for i in range(lo, lo + size):
+        if worst[i] != NOT_OWNED:
+            out[n] = i
+            n += 1
+    for i in range(lo, lo + size):
+        if worst[i] == NOT_OWNED:
+            out[n] = i
+            n += 1
 
 
 @njit(inline="always")
@@ -585,15 +596,14 @@ def _apply(heaps, slot, worst, targets, keys, starts, ends, lo, hi):
     # Each thread owns the lists of rows [lo, hi) and applies their offers (the lists keep the best
     # distinct keys offered, whatever their order: they do not depend on the thread count).
     changed = 0
-    every_row = len(slot) == 0
     for r in range(len(starts)):
         for n in range(starts[r], ends[r]):
             p = targets[n]
             if lo <= p < hi:
-                heap = heaps[p] if every_row else heaps[slot[p]]
-                if _push(heap, keys[n]):
+                h = p if len(slot) == 0 else slot[p]
+                if _push(heaps[h], keys[n]):
                     changed += 1
-                    worst[p] = heap[0]
+                    worst[p] = heaps[h, 0]
     return changed
 
 
