@@ -281,7 +281,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
 
 
 def is_token_pairs(approx: dict[str, Any] | None) -> bool:
-    """Whether the approximate method is token pairs (built in this process, never streamed)."""
+    """Whether the approximate method is token pairs (built in this process unless streamed)."""
     return approx is not None and approx["method"] == "token_pairs"
 
 
