@@ -411,9 +411,9 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         lo, size = seg_begins[seg], seg_sizes[seg]
         third = thirds[third_index]
         # Group the pair bucket's items by their token at the third digit (a counting sort over the
-        # tokens present only: most buckets hold a few items, and a pass over all 256 tokens per
-        # bucket cost more than comparing them at 100k items). Group k: member[begins[k]:] holds
-        # counts[k] items; no third digit: one group.
+        # tokens present only: most buckets hold a few items, for which passes over all 256 tokens
+        # are pure overhead). Group k: member[begins[k]:] holds counts[k] items; no third digit: one
+        # group.
         n_groups = 0
         # With some rows' lists kept, a group's members with a kept list come first (two passes):
         # a member after them pairs only with members without one, so it ends the group's pairs.
