@@ -132,11 +132,7 @@ def embedding_dim(uri: str, storage: StorageConfig | None = None) -> int:
 
 def read_shard_items(shard: shards.Shard, storage: StorageConfig | None) -> tuple[np.ndarray, list[str]]:
     """The shard's ``(item_ids, texts)``; null/empty text is an error naming file, row and item."""
-    fs, path = io.filesystem(shard.file, storage)
-    with fs.open(path, "rb") as handle:
-        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", "text"],
-                                                          use_threads=io.PYTHON_FILE_THREADS)
-    table = group.slice(shard.offset, shard.length)
+    table = shards.read_shard(shard, ["item_id", "text"], storage)
     item_ids = table.column("item_id").to_numpy()
     text = table.column("text")
     empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), True)

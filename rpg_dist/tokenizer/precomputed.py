@@ -125,11 +125,7 @@ def read_shard_vectors(shard: shards.Shard, dim: int, storage: StorageConfig | N
     Raises:
         DataError: a null id or vector, or a vector whose length is not ``dim`` (file, field, row).
     """
-    fs, path = io.filesystem(shard.file, storage)
-    with fs.open(path, "rb") as handle:
-        group = io.open_parquet(handle).read_row_group(shard.row_group, columns=["item_id", FIELD],
-                                                          use_threads=io.PYTHON_FILE_THREADS)
-    table = group.slice(shard.offset, shard.length)
+    table = shards.read_shard(shard, ["item_id", FIELD], storage)
     ids, vectors = table.column("item_id"), table.column(FIELD).combine_chunks()
     for name, column in (("item_id", ids), (FIELD, vectors)):
         if column.null_count:
