@@ -145,10 +145,8 @@ class GraphWorker:
         rows = np.asarray(rows, np.int64)
         found, counts = token_pair_neighbors(self.tables, self.codes, self.n_edges, min_shared,
                                              self.threads or torch.get_num_threads(), rows=rows)
-        short = np.flatnonzero((found >= 0).sum(axis=1) < self.n_edges)
-        if len(short):
-            found[short] = self.exact(rows[short])
-        return rows, found, {**counts, "rows_completed_exactly": len(short)}
+        completed = _complete_short_lists(found, rows, self.exact)
+        return rows, found, {**counts, "rows_completed_exactly": completed}
 
     def token_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """token_blocks: neighbours of ``rows`` over their shared-token blocks."""
@@ -308,12 +306,19 @@ def _token_pairs(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sampl
     clock = time.perf_counter()
     threads = cfg.local_threads or torch.get_num_threads()
     neighbors, counts = token_pair_neighbors(setup.tables, setup.codes16, setup.n_edges, shared, threads)
-    short = np.flatnonzero((neighbors >= 0).sum(axis=1) < setup.n_edges)
-    if len(short):
-        neighbors[short] = workers.exact(short)
+    completed = _complete_short_lists(neighbors, np.arange(len(neighbors)), workers.exact)
     setup.timings["neighbors_s"] = time.perf_counter() - clock
-    _token_pair_info(setup, {**counts, "rows_completed_exactly": len(short)}, len(codes), threads)
+    _token_pair_info(setup, {**counts, "rows_completed_exactly": completed}, len(codes), threads)
     return neighbors
+
+
+def _complete_short_lists(lists: np.ndarray, rows: np.ndarray, exact) -> int:
+    """Token pairs: the lists of ``rows`` (-1 padded, (r, k)) holding fewer than k items (isolated
+    items) replaced in place by ``exact(rows)``, so graph decoding can leave every item; returns how many."""
+    short = np.flatnonzero((lists >= 0).sum(axis=1) < lists.shape[1])
+    if len(short):
+        lists[short] = exact(rows[short])
+    return len(short)
 
 
 def _shared_tokens(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sample, exact_sample, seed: int) -> int:
