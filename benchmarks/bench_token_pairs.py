@@ -7,8 +7,9 @@
 For each digit pair given, the pair sort (counting sort over 2^16 keys, codes copied into pair
 order) and then every third digit's buckets, visited on ``--threads`` threads into empty lists, as
 the build's own loop does. Prints pairs compared, scored, offers, list entries changed and seconds
-per triple, and the visit's core time (comparing, scoring, list updates) per pair compared. Starts from empty lists, so offers and list updates are those of a build's first
-passes (the most expensive); a whole build's figures are its log lines.
+per triple, and the visit's core time (comparing, scoring, list updates) per pair compared. Starts
+from empty lists, so offers and list updates are those of a build's first passes (the most
+expensive); a whole build's figures are its log lines.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main() -> None:
     with tp._Pool(args.threads) as pool:
         for pair in args.pairs:
             first, second = (int(x) for x in pair.split(","))
-            totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "sort_s": 0.0, "visit_s": 0.0}
+            totals = tp.new_counts(3)
             every_row = np.empty(0, np.int64)  # lists for all rows: list r is row r's
             n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, every_row, worst, first, second, 3,
                                      args.shared, tp.CHUNK_PAIRS, pool, totals)

@@ -123,11 +123,17 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         worst[rows] = MIN_KEY
         slot = np.full(n_items, -1, np.int64)
         slot[rows] = np.arange(len(rows))  # (N,) list of each kept row
-    totals = {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width, "sort_s": 0.0, "visit_s": 0.0}
+    totals = new_counts(width)
     with _Pool(threads) as pool:
         _build(tab, vocab, cod, n_digit, heaps.keys, slot, worst, width, min_shared, chunk_pairs, pool, totals)
         neighbors = heaps.release_sorted(pool)
     return neighbors, totals
+
+
+def new_counts(width: int) -> dict:
+    """The kernel's counts, zero: pairs visited and scored, offers, list entries changed, seconds
+    sorting and visiting (``_run_pair`` adds to them), and the bucket width."""
+    return {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width, "sort_s": 0.0, "visit_s": 0.0}
 
 
 class _Lists:
@@ -398,7 +404,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     member_words = np.empty((n_words, cap), np.uint64)
     shared = np.empty(cap, np.uint64)
     wrong = np.empty(cap, np.uint64)
-    slot = np.full(256, -1, np.int64)  # token -> its group in the current bucket, -1: none yet
+    group_of = np.full(256, -1, np.int64)  # token -> its group in the current bucket, -1: none yet
     tokens = np.empty(256, np.int64)
     begins = np.empty(256, np.int64)
     counts = np.empty(256, np.int64)
@@ -427,10 +433,10 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         else:
             for i in range(lo, lo + size):
                 t = np.int64(codes[i, third])
-                if slot[t] < 0:
-                    slot[t], tokens[n_groups], counts[n_groups] = n_groups, t, 0
+                if group_of[t] < 0:
+                    group_of[t], tokens[n_groups], counts[n_groups] = n_groups, t, 0
                     n_groups += 1
-                counts[slot[t]] += 1
+                counts[group_of[t]] += 1
             start = 0
             for k in range(n_groups):
                 begins[k], cursor[k] = start, start
@@ -439,11 +445,11 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
                 _kept_first(worst, lo, size, order)
             for n in range(size):
                 i = order[n] if some_rows else lo + n
-                k = slot[np.int64(codes[i, third])]
+                k = group_of[np.int64(codes[i, third])]
                 member[cursor[k]] = i
                 cursor[k] += 1
             for k in range(n_groups):
-                slot[tokens[k]] = -1
+                group_of[tokens[k]] = -1
         n_pairs = 0
         for k in range(n_groups):
             n_pairs += counts[k] * (counts[k] - 1) // 2
