@@ -117,6 +117,10 @@ class GraphWorker:
     def __init__(self, tables: np.ndarray, codes: np.ndarray, n_edges: int, item_chunk: int,
                  query_block: int, threads: int, approx: dict[str, Any] | None = None,
                  writer: PartWriter | None = None) -> None:
+        if not logging.getLogger().handlers:
+            # A Ray actor's root logger has no handler: the kernels' progress lines (INFO) would be
+            # dropped. stderr, which Ray forwards to the driver.
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if threads:
             torch.set_num_threads(threads)
         self.tables = torch.from_numpy(np.array(tables))  # (m, V, V), writable copy
@@ -174,7 +178,8 @@ class GraphWorker:
 
     def exact(self, rows: np.ndarray) -> np.ndarray:
         """Exact neighbours of arbitrary rows (the recall check): (len(rows), k) int32."""
-        found = exact_neighbors(self.tables, self.codes, torch.from_numpy(rows), self.n_edges, self.item_chunk)
+        rows = torch.from_numpy(np.array(rows, np.int64))  # a copy: Ray hands actors read-only arrays
+        found = exact_neighbors(self.tables, self.codes, rows, self.n_edges, self.item_chunk)
         return found.to(torch.int32).numpy()
 
 
@@ -368,58 +373,88 @@ def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: 
     partition, method = _partition(token_embeddings, codes, None, cfg, seed)
     setup.timings["partition_s"] = time.perf_counter() - clock
     sample = _recall_sample(n_items, cfg.recall_sample, seed) if setup.mode == "approx" else np.empty(0, np.int64)
-    writer = PartWriter(graph_dir, np.asarray(item_ids, np.int64), partition, sample, storage)
+    item_ids = np.asarray(item_ids, np.int64)
+    writer = PartWriter(graph_dir, item_ids, partition, sample, storage)
     workers = _workers(setup, cfg, writer)
-    exact_sample = None
     try:
-        # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
-        order = np.argsort(partition, kind="stable")
+        shared, exact_sample = 0, None
         if is_token_pairs(setup.approx):
-            # The sample's exact lists first: they choose r. One task per worker (each sorts the
-            # whole catalogue per digit pair), its rows whole partitions where it can.
-            chooser = sample if len(sample) else _recall_sample(n_items, SHARED_SAMPLE, seed)
-            exact_chooser = _exact_sample(workers, chooser, setup.timings)
-            exact_sample = exact_chooser if len(sample) else None
-            shared = _shared_tokens(setup, cfg, token_embeddings, codes, chooser, exact_chooser, seed)
+            shared, exact_sample = _streamed_shared_tokens(setup, cfg, token_embeddings, codes, sample, workers, seed)
             if shared < 2:  # token blocks instead: new workers hold its plan
                 workers.close()
                 workers = _workers(setup, cfg, writer)
-        clock = time.perf_counter()
-        if is_token_pairs(setup.approx):
-            tasks = [("token_pairs", (np.sort(rows), shared)) for rows in np.array_split(order, workers.count)]
-        else:
-            tasks = _tasks(order, cfg.block_size, setup.approx, workers.count)
-        streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
-        merged = _merge_reports(workers.run(streamed), n_items)
-        setup.timings["neighbors_s"] = time.perf_counter() - clock
-        if is_token_pairs(setup.approx):
-            _token_pair_info(setup, merged["counts"], n_items, cfg.threads_per_actor if not setup.local else 1)
-        stats = {}
-        if len(sample):
-            clock = time.perf_counter()
-            found = np.full((len(sample), setup.n_edges), -1, np.int32)
-            found[np.searchsorted(sample, merged["sample_rows"])] = merged["sample_lists"]
-            stats = _recall_stats(found, exact_sample if exact_sample is not None else workers.exact(sample))
-            setup.timings["recall_s"] = time.perf_counter() - clock
+        merged = _stream_lists(setup, cfg, workers, partition, shared)
+        stats = _streamed_recall(setup, sample, merged, exact_sample, workers)
     finally:
         workers.close()
     files, digests, cross_edges = merged["files"], merged["digests"], merged["cross_edges"]
-    n_parts = int(partition.max()) + 1 if n_items else 0
-    if cfg.refine_rounds and n_parts > 1:
+    if cfg.refine_rounds and n_items and partition.max() > 0:
         clock = time.perf_counter()
         parts = _WrittenParts(graph_dir, [name for names in files.values() for name in names], digests,
-                              ItemIndex(np.asarray(item_ids, np.int64)), setup.n_edges, storage)
-        refined, counts = refine_with_counts(partition, lambda owner: parts.neighbor_counts(owner, n_parts),
-                                             cfg.refine_rounds)
-        if not np.array_equal(refined, partition):
-            files, digests = parts.rewrite(refined)
-            partition, cross_edges = refined, crossing_edges(refined, counts)
+                              ItemIndex(item_ids), setup.n_edges, storage)
+        partition, files, digests, cross_edges = _refine_written(parts, partition, files, digests, cross_edges,
+                                                                 cfg.refine_rounds)
         method += (f", then up to {cfg.refine_rounds} rounds of balanced label propagation over the written "
                    "parts (streamed build)")
         setup.timings["refine_s"] = time.perf_counter() - clock
     info = _info(setup, cfg, partition, method, cross_edges / max(merged["degree_sum"], 1))
     stats.update(degree_min=merged["degree_min"], degree_mean=merged["degree_sum"] / max(n_items, 1))
     return StreamedGraph(files=files, digests=digests, info=info, stats=stats)
+
+
+def _streamed_shared_tokens(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sample: np.ndarray, workers,
+                            seed: int) -> tuple[int, np.ndarray | None]:
+    """Token pairs, streamed: r chosen from exact lists of the recall sample (or of a sample of
+    SHARED_SAMPLE rows without one); returns r and the recall sample's exact lists (None without one)."""
+    chooser = sample if len(sample) else _recall_sample(codes.shape[0], SHARED_SAMPLE, seed)
+    exact_chooser = _exact_sample(workers, chooser, setup.timings)
+    shared = _shared_tokens(setup, cfg, token_embeddings, codes, chooser, exact_chooser, seed)
+    return shared, exact_chooser if len(sample) else None
+
+
+def _stream_lists(setup: _Setup, cfg: GraphConfig, workers, partition: np.ndarray, shared: int) -> dict[str, Any]:
+    """Every worker's tasks run, each writing its parts; returns ``_merge_reports`` of them.
+
+    Token pairs get one task per worker (each sorts the whole catalogue per digit pair), its rows
+    whole partitions where it can; other methods the usual tasks."""
+    clock = time.perf_counter()
+    # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
+    order = np.argsort(partition, kind="stable")
+    if is_token_pairs(setup.approx):
+        tasks = [("token_pairs", (np.sort(rows), shared)) for rows in np.array_split(order, workers.count)]
+    else:
+        tasks = _tasks(order, cfg.block_size, setup.approx, workers.count)
+    streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
+    merged = _merge_reports(workers.run(streamed), len(partition))
+    setup.timings["neighbors_s"] = time.perf_counter() - clock
+    if is_token_pairs(setup.approx):
+        _token_pair_info(setup, merged["counts"], len(partition), cfg.threads_per_actor if not setup.local else 1)
+    return merged
+
+
+def _streamed_recall(setup: _Setup, sample: np.ndarray, merged: dict[str, Any], exact_sample: np.ndarray | None,
+                     workers) -> dict[str, Any]:
+    """Recall of the sampled rows' written lists against their exact lists ({} without a sample)."""
+    if not len(sample):
+        return {}
+    clock = time.perf_counter()
+    found = np.full((len(sample), setup.n_edges), -1, np.int32)
+    found[np.searchsorted(sample, merged["sample_rows"])] = merged["sample_lists"]
+    stats = _recall_stats(found, exact_sample if exact_sample is not None else workers.exact(sample))
+    setup.timings["recall_s"] = time.perf_counter() - clock
+    return stats
+
+
+def _refine_written(parts: _WrittenParts, partition: np.ndarray, files: dict[str, list[str]],
+                    digests: dict[str, str], cross_edges: int, rounds: int):
+    """Label propagation over the written parts; when it moves rows, the parts are rewritten under the
+    refined partition. Returns (partition, files, digests, cross_edges)."""
+    n_parts = int(partition.max()) + 1
+    refined, counts = refine_with_counts(partition, lambda owner: parts.neighbor_counts(owner, n_parts), rounds)
+    if np.array_equal(refined, partition):
+        return partition, files, digests, cross_edges
+    files, digests = parts.rewrite(refined)
+    return refined, files, digests, crossing_edges(refined, counts)
 
 
 @dataclass
