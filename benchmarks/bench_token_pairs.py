@@ -3,6 +3,8 @@
     # 10M realistic codes, r 4: a late digit pair (lists filled from empty, so its offers all land)
     python benchmarks/bench_token_pairs.py --semantic-ids runs/like10m/run/tokenizer/semantic_ids.parquet \
         --run-dir runs/like10m/run --shared 4 --pairs 12,20 5,9
+    # the same, keeping the lists of partition 0 of the run's graph only (a streamed build's share)
+    python benchmarks/bench_token_pairs.py ... --threads 1 --keep-partition 0
 
 For each digit pair given, the pair sort (counting sort over 2^16 keys, codes copied into pair
 order) and then every third digit's buckets, visited on ``--threads`` threads into empty lists, as
@@ -28,7 +30,6 @@ from common import machine  # noqa: E402
 
 
 def main() -> None:
-    from rpg_dist.decode.topk import MIN_KEY
     from rpg_dist.graph import token_pairs as tp
     from rpg_dist.graph.similarity import digit_similarity_tables
     from rpg_dist.graph.stage import load_token_embeddings
@@ -41,23 +42,25 @@ def main() -> None:
     parser.add_argument("--n-edges", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", nargs="+", default=["12,20"], help="digit pairs FIRST,SECOND to run")
+    parser.add_argument("--keep-partition", type=int, default=-1,
+                        help="keep the lists of this partition of the run's graph only, as a streamed build's "
+                             "actor does (default: every row's)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    codes = load_semantic_ids(args.semantic_ids).codes
+    semantic_ids = load_semantic_ids(args.semantic_ids)
+    codes, index = semantic_ids.codes, semantic_ids.index
     tables = digit_similarity_tables(load_token_embeddings(args.run_dir))
     n_items, n_digit = codes.shape
     tab = np.ascontiguousarray(tables.numpy()).reshape(-1)
     cod = tp._padded_codes(codes)
-    heaps = np.full((n_items, args.n_edges), MIN_KEY, np.int64)
-    worst = np.full(n_items, MIN_KEY, np.int64)
-    out = {"items": int(n_items), "shared": args.shared, "threads": args.threads, "pairs": []}
+    heaps, worst, slot = _lists(n_items, args, index)
+    out = {"items": int(n_items), "kept": len(heaps), "shared": args.shared, "threads": args.threads, "pairs": []}
     with tp._Pool(args.threads) as pool:
         for pair in args.pairs:
             first, second = (int(x) for x in pair.split(","))
             totals = tp.new_counts(3)
-            every_row = np.empty(0, np.int64)  # lists for all rows: list r is row r's
-            n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, every_row, worst, first, second, 3,
+            n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, slot, worst, first, second, 3,
                                      args.shared, tp.CHUNK_PAIRS, pool, totals)
             row = {"pair": [first, second], "triples": n_triples, **totals,
                    "s_per_triple": (totals["sort_s"] + totals["visit_s"]) / max(n_triples, 1),
@@ -66,6 +69,24 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+def _lists(n_items: int, args, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty (L, k) heaps, the (N,) roots and the row -> list map: every row's lists, or (``--keep-partition``)
+    those of one partition of the run's graph, the others' roots NOT_OWNED, as the kernel keeps a share."""
+    from rpg_dist.decode.topk import MIN_KEY
+    from rpg_dist.graph import token_pairs as tp
+    from rpg_dist.graph.store import load_partitions
+
+    if args.keep_partition < 0:
+        every_row = np.empty(0, np.int64)  # list r is row r's
+        return np.full((n_items, args.n_edges), MIN_KEY, np.int64), np.full(n_items, MIN_KEY, np.int64), every_row
+    rows = np.flatnonzero(load_partitions(args.run_dir, index) == args.keep_partition)
+    worst = np.full(n_items, tp.NOT_OWNED, np.int64)
+    worst[rows] = MIN_KEY
+    slot = np.full(n_items, -1, np.int64)
+    slot[rows] = np.arange(len(rows))
+    return np.full((len(rows), args.n_edges), MIN_KEY, np.int64), worst, slot
 
 
 if __name__ == "__main__":
