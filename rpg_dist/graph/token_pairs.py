@@ -413,22 +413,27 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
     block_codes = np.empty((2, _SCORE_BLOCK, n_digit), np.uint8)  # pair-major: digit-major rows alias in L1
     totals = np.empty(_SCORE_BLOCK, np.float32)
     out, queued, scored, visited = first_slot, 0, 0, 0
+    ordered = -1  # the pair bucket whose positions ``order`` holds, kept ones first
     while seg < seg_end:
         lo, size = seg_begins[seg], seg_sizes[seg]
+        if some_rows and ordered != seg:
+            # Once per pair bucket, not per third digit: its positions, kept ones first; a bucket
+            # without a kept list (most, when the shares are whole clusters) is left at once.
+            if _kept_first(worst, lo, size, order) == 0:
+                seg, third_index = seg + 1, 0
+                continue
+            ordered = seg
         third = thirds[third_index]
         # Group the pair bucket's items by their token at the third digit (a counting sort over the
         # tokens present only: most buckets hold a few items, for which passes over all 256 tokens
         # are pure overhead). Group k: member[begins[k]:] holds counts[k] items; no third digit: one
         # group.
         n_groups = 0
-        # With some rows' lists kept, a group's members with a kept list come first (two passes):
+        # With some rows' lists kept, a group's members with a kept list come first (from ``order``):
         # a member after them pairs only with members without one, so it ends the group's pairs.
         if third < 0:
-            if some_rows:
-                _kept_first(worst, lo, size, member)
-            else:
-                for i in range(size):
-                    member[i] = lo + i
+            for i in range(size):
+                member[i] = order[i] if some_rows else lo + i
             begins[0], counts[0], n_groups = 0, size, 1
         else:
             for i in range(lo, lo + size):
@@ -441,8 +446,6 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
             for k in range(n_groups):
                 begins[k], cursor[k] = start, start
                 start += counts[k]
-            if some_rows:
-                _kept_first(worst, lo, size, order)
             for n in range(size):
                 i = order[n] if some_rows else lo + n
                 k = group_of[np.int64(codes[i, third])]
@@ -518,16 +521,19 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
 
 @njit(inline="always")
 def _kept_first(worst, lo, size, out):
-    """Positions lo..lo+size into ``out``, those whose list is kept first (each part in order)."""
+    """Positions lo..lo+size into ``out``, those whose list is kept first (each part in order);
+    returns how many are kept."""
     n = 0
     for i in range(lo, lo + size):
         if worst[i] != NOT_OWNED:
             out[n] = i
             n += 1
+    kept = n
     for i in range(lo, lo + size):
         if worst[i] == NOT_OWNED:
             out[n] = i
             n += 1
+    return kept
 
 
 @njit(inline="always")
