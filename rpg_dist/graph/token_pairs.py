@@ -418,7 +418,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         lo, size = seg_begins[seg], seg_sizes[seg]
         if some_rows and ordered != seg:
             # Once per pair bucket, not per third digit: its positions, kept ones first; a bucket
-            # without a kept list (most, when the shares are whole clusters) is left at once.
+            # without a kept list is left at once.
             if _kept_first(worst, lo, size, order) == 0:
                 seg, third_index = seg + 1, 0
                 continue
