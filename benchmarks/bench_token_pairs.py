@@ -73,20 +73,16 @@ def main() -> None:
 
 def _lists(n_items: int, args, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Empty (L, k) heaps, the (N,) roots and the row -> list map: every row's lists, or (``--keep-partition``)
-    those of one partition of the run's graph, the others' roots NOT_OWNED, as the kernel keeps a share."""
+    those of one partition of the run's graph, as a streamed build's actor keeps them."""
     from rpg_dist.decode.topk import MIN_KEY
     from rpg_dist.graph import token_pairs as tp
     from rpg_dist.graph.store import load_partitions
 
-    if args.keep_partition < 0:
-        every_row = np.empty(0, np.int64)  # list r is row r's
-        return np.full((n_items, args.n_edges), MIN_KEY, np.int64), np.full(n_items, MIN_KEY, np.int64), every_row
-    rows = np.flatnonzero(load_partitions(args.run_dir, index) == args.keep_partition)
-    worst = np.full(n_items, tp.NOT_OWNED, np.int64)
-    worst[rows] = MIN_KEY
-    slot = np.full(n_items, -1, np.int64)
-    slot[rows] = np.arange(len(rows))
-    return np.full((len(rows), args.n_edges), MIN_KEY, np.int64), worst, slot
+    rows = None
+    if args.keep_partition >= 0:
+        rows = np.flatnonzero(load_partitions(args.run_dir, index) == args.keep_partition)
+    worst, slot = tp.kept_roots(n_items, rows)
+    return np.full((n_items if rows is None else len(rows), args.n_edges), MIN_KEY, np.int64), worst, slot
 
 
 if __name__ == "__main__":

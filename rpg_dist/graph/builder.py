@@ -256,9 +256,7 @@ def build_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: G
         exact_sample = None
         if is_token_pairs(setup.approx):
             # The sample's exact lists come first: they choose how many tokens a pair must share.
-            chooser = sample if sample is not None else _recall_sample(n_items, SHARED_SAMPLE, seed)
-            exact_chooser = _exact_sample(workers, chooser, setup.timings)
-            exact_sample = exact_chooser if sample is not None else None
+            chooser, exact_chooser, exact_sample = _chooser_lists(workers, sample, n_items, seed, setup.timings)
             neighbors = _token_pairs(setup, cfg, token_embeddings, codes, chooser, exact_chooser, workers, seed)
             if neighbors is None:  # fell back to token blocks, whose workers hold the blocks
                 workers.close()
@@ -402,14 +400,22 @@ def stream_item_graph(token_embeddings: torch.Tensor, codes: torch.Tensor, cfg: 
     return StreamedGraph(files=files, digests=digests, info=info, stats=stats)
 
 
+def _chooser_lists(workers, sample: np.ndarray | None, n_items: int, seed: int, timings: dict[str, float]):
+    """Token pairs: the rows whose exact lists choose r (the recall sample, or SHARED_SAMPLE rows
+    without one) and those lists; returns (rows, their exact lists, the recall sample's exact lists
+    or None without a sample)."""
+    has_sample = sample is not None and len(sample) > 0
+    chooser = sample if has_sample else _recall_sample(n_items, SHARED_SAMPLE, seed)
+    exact_chooser = _exact_sample(workers, chooser, timings)
+    return chooser, exact_chooser, exact_chooser if has_sample else None
+
+
 def _streamed_shared_tokens(setup: _Setup, cfg: GraphConfig, token_embeddings, codes, sample: np.ndarray, workers,
                             seed: int) -> tuple[int, np.ndarray | None]:
-    """Token pairs, streamed: r chosen from exact lists of the recall sample (or of a sample of
-    SHARED_SAMPLE rows without one); returns r and the recall sample's exact lists (None without one)."""
-    chooser = sample if len(sample) else _recall_sample(codes.shape[0], SHARED_SAMPLE, seed)
-    exact_chooser = _exact_sample(workers, chooser, setup.timings)
-    shared = _shared_tokens(setup, cfg, token_embeddings, codes, chooser, exact_chooser, seed)
-    return shared, exact_chooser if len(sample) else None
+    """Token pairs, streamed: r chosen as ``_chooser_lists`` says; returns r and the recall sample's
+    exact lists (None without one)."""
+    chooser, exact_chooser, exact_sample = _chooser_lists(workers, sample, codes.shape[0], seed, setup.timings)
+    return _shared_tokens(setup, cfg, token_embeddings, codes, chooser, exact_chooser, seed), exact_sample
 
 
 def _stream_lists(setup: _Setup, cfg: GraphConfig, workers, partition: np.ndarray, shared: int) -> dict[str, Any]:

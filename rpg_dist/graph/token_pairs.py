@@ -116,18 +116,26 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
     if not 2 <= width <= min(3, min_shared):
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
     heaps = _Lists(n_items if rows is None else len(rows), max(n_edges, 1))
-    worst = np.full(n_items, MIN_KEY, np.int64)  # (N,) each kept list's root, NOT_OWNED for the others
-    slot = np.empty(0, np.int64)  # row -> its list (empty: row r's list is list r)
-    if rows is not None:
-        worst[:] = NOT_OWNED
-        worst[rows] = MIN_KEY
-        slot = np.full(n_items, -1, np.int64)
-        slot[rows] = np.arange(len(rows))  # (N,) list of each kept row
+    worst, slot = kept_roots(n_items, rows)
     totals = new_counts(width)
     with _Pool(threads) as pool:
         _build(tab, vocab, cod, n_digit, heaps.keys, slot, worst, width, min_shared, chunk_pairs, pool, totals)
         neighbors = heaps.release_sorted(pool)
     return neighbors, totals
+
+
+def kept_roots(n_items: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Empty lists' roots and the row -> list map, for every row or for ``rows`` only: (N,) int64
+    roots (NOT_OWNED for a row whose list is not kept) and (N,) int64 list of each kept row (empty:
+    row r's list is list r)."""
+    worst = np.full(n_items, MIN_KEY, np.int64)
+    slot = np.empty(0, np.int64)
+    if rows is not None:
+        worst[:] = NOT_OWNED
+        worst[rows] = MIN_KEY
+        slot = np.full(n_items, -1, np.int64)
+        slot[rows] = np.arange(len(rows))
+    return worst, slot
 
 
 def new_counts(width: int) -> dict:
