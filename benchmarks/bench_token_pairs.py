@@ -3,7 +3,9 @@
     # 10M realistic codes, r 4: a late digit pair (lists filled from empty, so its offers all land)
     python benchmarks/bench_token_pairs.py --semantic-ids runs/like10m/run/tokenizer/semantic_ids.parquet \
         --run-dir runs/like10m/run --shared 4 --pairs 12,20 5,9
-    # the same, keeping the lists of partition 0 of the run's graph only (a streamed build's share)
+    # the same as one share of a streamed build: the lists of partition 0 of the run's graph only,
+    # the pairs across shares compared here only when this share's end comes first (offers to the
+    # other shares' rows are dropped)
     python benchmarks/bench_token_pairs.py ... --threads 1 --keep-partition 0
 
 For each digit pair given, the pair sort (counting sort over 2^16 keys, codes copied into pair
@@ -21,8 +23,6 @@ import json
 import os
 import pathlib
 import sys
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -51,38 +51,32 @@ def main() -> None:
     semantic_ids = load_semantic_ids(args.semantic_ids)
     codes, index = semantic_ids.codes, semantic_ids.index
     tables = digit_similarity_tables(load_token_embeddings(args.run_dir))
-    n_items, n_digit = codes.shape
-    tab = np.ascontiguousarray(tables.numpy()).reshape(-1)
-    cod = tp._padded_codes(codes)
-    heaps, worst, slot = _lists(n_items, args, index)
-    out = {"items": int(n_items), "kept": len(heaps), "shared": args.shared, "threads": args.threads, "pairs": []}
-    with tp._Pool(args.threads) as pool:
-        for pair in args.pairs:
-            first, second = (int(x) for x in pair.split(","))
-            totals = tp.new_counts(3)
-            n_triples = tp._run_pair(tab, tables.shape[1], cod, n_digit, heaps, slot, worst, first, second, 3,
-                                     args.shared, tp.CHUNK_PAIRS, pool, totals)
-            row = {"pair": [first, second], "triples": n_triples, **totals,
-                   "s_per_triple": (totals["sort_s"] + totals["visit_s"]) / max(n_triples, 1),
-                   "core_ns_per_pair_compared": totals["visit_s"] * args.threads / max(totals["visited"], 1) * 1e9}
-            out["pairs"].append(row)
-            print(json.dumps(row), flush=True)
+    n_items = codes.shape[0]
+    share = tp.new_share(tables, codes, args.n_edges, args.shared, args.threads, *_owner(args, index), width=3)
+    out = {"items": int(n_items), "kept": len(share.rows), "shared": args.shared, "threads": args.threads, "pairs": []}
+    for pair in args.pairs:
+        first, second = (int(x) for x in pair.split(","))
+        share.totals = tp.new_counts(3)
+        n_triples = share.run_pair(first, second, outgoing=[])  # offers to other shares' rows are dropped
+        totals = share.totals
+        row = {"pair": [first, second], "triples": n_triples, **totals,
+               "s_per_triple": (totals["sort_s"] + totals["visit_s"]) / max(n_triples, 1),
+               "core_ns_per_pair_compared": totals["visit_s"] * args.threads / max(totals["visited"], 1) * 1e9}
+        out["pairs"].append(row)
+        print(json.dumps(row), flush=True)
+    share.pool.close()
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
 
 
-def _lists(n_items: int, args, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Empty (L, k) heaps, the (N,) roots and the row -> list map: every row's lists, or (``--keep-partition``)
-    those of one partition of the run's graph, as a streamed build's actor keeps them."""
-    from rpg_dist.decode.topk import MIN_KEY
-    from rpg_dist.graph import token_pairs as tp
+def _owner(args, index) -> tuple:
+    """(owner, share) for ``new_share``: every row's lists, or (``--keep-partition``) those of one
+    partition of the run's graph, as a streamed build's actor keeps them."""
     from rpg_dist.graph.store import load_partitions
 
-    rows = None
-    if args.keep_partition >= 0:
-        rows = np.flatnonzero(load_partitions(args.run_dir, index) == args.keep_partition)
-    worst, slot = tp.kept_roots(n_items, rows)
-    return np.full((n_items if rows is None else len(rows), args.n_edges), MIN_KEY, np.int64), worst, slot
+    if args.keep_partition < 0:
+        return None, 0
+    return load_partitions(args.run_dir, index), args.keep_partition
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import config_from_dict
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.errors import ConfigError, DataError, StageError
+from rpg_dist.graph import builder as graph_builder
 from rpg_dist.graph.builder import build_item_graph, stream_item_graph
 from rpg_dist.graph.config import GraphConfig
 from rpg_dist.graph.exact import exact_neighbors
@@ -25,7 +27,7 @@ from rpg_dist.graph.store import commit_graph, load_graph, read_manifest
 from rpg_dist.testing.codes import clustered_codes, random_token_table
 from rpg_dist.graph.token_blocks import plan_token_blocks, token_block_neighbors
 from rpg_dist.graph import token_pairs
-from rpg_dist.graph.token_pairs import choose_shared, sharing_fraction, token_pair_neighbors
+from rpg_dist.graph.token_pairs import choose_shared, sharing_fraction, token_pair_neighbors, token_pair_shares
 from rpg_dist.tokenizer.semantic_ids import write_semantic_ids
 from twins import dense_neighbors, dense_sums
 
@@ -207,14 +209,16 @@ def test_build_graph_stage_writes_and_loads(tmp_path, ray_local):
 
 @pytest.mark.parametrize("mode,method", [("exact", "token_blocks"), ("approx", "token_blocks"),
                                          ("approx", "token_pairs")])
-def test_streamed_build_writes_what_the_in_memory_build_computes(mode, method, tmp_path):
+def test_streamed_build_writes_what_the_in_memory_build_computes(mode, method, tmp_path, monkeypatch):
     """Workers write their tasks' parts; the driver never holds the lists, and loads back the same graph
     (token pairs: each worker keeps the lists of its share of the rows only)."""
+    monkeypatch.setattr(graph_builder, "ROWS_PER_FILE", 40)
     run_dir = str(tmp_path / "run")
     item_ids, codes = _tiny_run(run_dir, n_items=500)
     table = random_token_table(8, 256, 16, seed=9)
     cfg = GraphConfig(mode=mode, n_edges=15, block_size=64, n_partitions=3, approx_method=method,
-                      approx_token_groups=64, approx_shared_digits=2, recall_sample=100, local_max_items=10**9)
+                      approx_token_groups=64, approx_shared_digits=2, recall_sample=100, local_max_items=10**9,
+                      local_threads=2)  # token pairs: two shares
     streamed = stream_item_graph(table, torch.from_numpy(codes), cfg, RunPaths(run_dir).graph, item_ids, seed=0)
     if method == "token_pairs":
         assert streamed.info["approx_method"] == "token_pairs" and streamed.info["pairs_scored"] > 0
@@ -222,6 +226,10 @@ def test_streamed_build_writes_what_the_in_memory_build_computes(mode, method, t
     graph = load_graph(run_dir, ItemIndex(item_ids))
     in_memory = build_item_graph(table, torch.from_numpy(codes), cfg, seed=0)
     assert np.array_equal(graph.neighbors, in_memory.neighbors)
+    if method == "token_pairs":  # the shares compare and score the in-memory build's pairs, each once
+        for name in ("pairs_visited", "pairs_scored", "candidates_per_item_mean"):
+            assert streamed.info[name] == in_memory.info[name]
+        assert streamed.info["offers_between_shares"] > 0
     if mode == "exact":
         assert np.array_equal(graph.neighbors, dense_neighbors(digit_similarity_tables(table), torch.from_numpy(codes), 15))
     else:
@@ -240,6 +248,11 @@ def test_streamed_build_writes_what_the_in_memory_build_computes(mode, method, t
     assert streamed.info["cross_partition_edge_fraction"] == pytest.approx(cross_fraction(graph.partition, graph.neighbors))
     degree = (graph.neighbors >= 0).sum(axis=1)
     assert streamed.stats["degree_min"] == degree.min() and streamed.stats["degree_mean"] == pytest.approx(degree.mean())
+    # Files of at most ROWS_PER_FILE rows, the workers' and the rewritten alike: a task of millions of
+    # rows is never converted at once.
+    for built, folder in ((streamed, RunPaths(run_dir).graph), (unrefined, str(tmp_path / "unrefined"))):
+        sizes = [pq.read_metadata(f"{folder}/{name}").num_rows for names in built.files.values() for name in names]
+        assert max(sizes) <= 40 and sum(sizes) == 500
 
 
 def test_build_graph_stage_streams_on_ray_actors_and_a_dead_worker_keeps_the_graph(tmp_path, ray_local):
@@ -284,7 +297,8 @@ def test_token_pairs_stream_on_ray_actors_each_keeping_its_share(tmp_path, ray_l
     in_memory = build_item_graph(table, codes, GraphConfig(**{**graph, "approx_shared_digits": r,
                                                               "local_max_items": 10**9}), seed=0)
     assert np.array_equal(load_graph(run_dir, ItemIndex(item_ids)).neighbors, in_memory.neighbors)
-    assert read_manifest(run_dir)["rows_completed_exactly"] == in_memory.info["rows_completed_exactly"]
+    for name in ("rows_completed_exactly", "pairs_visited", "pairs_scored"):
+        assert manifest[name] == in_memory.info[name]
 
 
 def test_build_graph_on_s3(s3_bucket, ray_local):
@@ -415,15 +429,26 @@ def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, mi
     # One round per digit pair / many (tiny offer buffers: visits resume mid-pair), one or several
     # threads; buckets of 2 digits, and of 3 where r >= 3.
     runs = [(1, 1 << 22, 2), (3, 40, 2)] + [(2, 1 << 22, 3), (3, 40, 3)] * (min_shared >= 3)
+    visited = {}
     for threads, chunk, width in runs:
         got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width)
         assert np.array_equal(got, want) and counts["width"] == width
         assert counts["scored"] == n_pairs  # a pair meets in every bucket of its shared digits: scored once
-    # A streamed build's share: the lists of some rows only (a block and a scattered set), the same.
-    some = np.unique(np.concatenate([np.arange(100, 400), np.arange(0, 700, 7)]))
+        visited[width] = counts["visited"]
+    # A streamed build's shares (a block, a scattered set, the rest): each keeps its rows' lists, the
+    # same lists; between them they compare and score the pairs of one build, each pair once, the
+    # offers to the other end of a pair crossing shares sent to its share.
+    owner = np.full(700, 2, np.int32)
+    owner[100:400] = 0
+    owner[np.arange(0, 700, 7)] = 1
     for threads, chunk, width in runs:
-        got, counts = token_pair_neighbors(tables, codes, 15, min_shared, threads, chunk, width=width, rows=some)
-        assert np.array_equal(got, want[some]) and counts["scored"] < n_pairs
+        shares = token_pair_shares(tables, codes, 15, min_shared, threads, owner, chunk, width=width)
+        for share, (rows, got, counts) in enumerate(shares):
+            assert np.array_equal(rows, np.flatnonzero(owner == share)) and np.array_equal(got, want[rows])
+            assert 0 < counts["scored"] < n_pairs
+        totals = {name: sum(counts[name] for _, _, counts in shares) for name in ("scored", "visited", "sent", "received")}
+        assert totals["scored"] == n_pairs and totals["visited"] == visited[width]
+        assert totals["sent"] == totals["received"] > 0
 
 
 @pytest.mark.parametrize("min_shared", [2, 3])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from rpg_dist.graph.partition import (
 from rpg_dist.graph.store import ROWS_PER_FILE, new_build_tag, part_name, read_part, write_part
 from rpg_dist.graph.similarity import digit_similarity_tables
 from rpg_dist.graph.token_blocks import default_groups, pairs_per_item, plan_token_blocks, token_block_neighbors
-from rpg_dist.graph.token_pairs import choose_shared, sharing_fraction, token_pair_neighbors
+from rpg_dist.graph.token_pairs import (
+    PairShare, choose_shared, lockstep, new_share, sharing_fraction, token_pair_neighbors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +92,28 @@ class PartWriter:
         self.item_ids, self.partition, self.sample = item_ids, partition, sample
 
     def write(self, task: int, rows: np.ndarray, lists: np.ndarray) -> dict[str, Any]:
-        """Write part ``part-P-task`` for each partition P of ``rows``; returns what the driver merges."""
+        """Write the (r, k) ``lists`` of ``rows`` as parts of their partitions, in files of up to
+        ROWS_PER_FILE rows (so a task of millions of rows never converts them all at once); returns
+        what the driver merges."""
         owner = self.partition[rows]
-        report: dict[str, Any] = {"files": {}, "digests": {}, "rows": len(rows)}
+        report: dict[str, Any] = {"files": {}, "digests": {}, "rows": len(rows), "degree_min": 0, "degree_sum": 0,
+                                  "cross_edges": 0}
+        lows = []
         for part in np.unique(owner).tolist():
-            mine = owner == part
-            name = part_name(part, task, self.tag)
-            report["digests"][name] = write_part(self.graph_dir, name, self.item_ids, rows[mine], lists[mine], part,
-                                                 self.storage)
-            report["files"][part] = name
-        valid = lists >= 0  # (r, k)
-        degree = valid.sum(axis=1)
-        report.update(degree_min=int(degree.min()) if len(degree) else 0, degree_sum=int(degree.sum()),
-                      cross_edges=int((self.partition[lists[valid]] != np.repeat(owner, degree)).sum()))
+            mine = np.flatnonzero(owner == part)
+            for chunk, lo in enumerate(range(0, len(mine), ROWS_PER_FILE)):
+                at = mine[lo : lo + ROWS_PER_FILE]
+                chunk_lists = lists[at]  # (c, k)
+                name = part_name(part, chunk, self.tag, task)
+                report["digests"][name] = write_part(self.graph_dir, name, self.item_ids, rows[at], chunk_lists, part,
+                                                     self.storage)
+                report["files"].setdefault(part, []).append(name)
+                valid = chunk_lists >= 0
+                degree = valid.sum(axis=1)
+                lows.append(int(degree.min()))
+                report["degree_sum"] += int(degree.sum())
+                report["cross_edges"] += int((self.partition[chunk_lists[valid]] != part).sum())
+        report["degree_min"] = min(lows, default=0)
         sampled = np.isin(rows, self.sample)
         report["sample_rows"], report["sample_lists"] = rows[sampled], lists[sampled]
         return report
@@ -124,13 +136,18 @@ class GraphWorker:
         if threads:
             torch.set_num_threads(threads)
         self.tables = torch.from_numpy(np.array(tables))  # (m, V, V), writable copy
-        self.codes = torch.from_numpy(np.array(codes))  # (N, m) int16
+        with warnings.catch_warnings():
+            # Ray hands an actor the object store's read-only pages: only read here, so not copied
+            # (at 10M items a copy is 640 MB per actor).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.codes = torch.from_numpy(codes)  # (N, m) int16
         self.n_edges = n_edges
         self.item_chunk = item_chunk
         self.query_block = query_block
         self.approx = approx or {}
         self.writer = writer
         self.threads = threads
+        self.shares: dict[int, PairShare] = {}  # token pairs, streamed: the shares this worker holds
         if self.approx.get("method") == "faiss_index":
             import faiss
 
@@ -142,15 +159,23 @@ class GraphWorker:
         rows, lists, *counts = getattr(self, method)(*args)
         return {**self.writer.write(task, rows, lists), "counts": counts[0] if counts else {}}
 
-    def token_pairs(self, rows: np.ndarray, min_shared: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """token_pairs: lists of ``rows`` over the items sharing ``min_shared`` tokens with them (the
-        whole catalogue's pairs visited, only those with an end in ``rows`` scored); rows with fewer
-        such partners than n_edges get their exact lists. Returns rows, lists and the kernel's counts."""
-        rows = np.asarray(rows, np.int64)
-        found, counts = token_pair_neighbors(self.tables, self.codes, self.n_edges, min_shared,
-                                             self.threads or torch.get_num_threads(), rows=rows)
+    def start_share(self, owner: np.ndarray, share: int, min_shared: int) -> list[tuple[int, int]]:
+        """token_pairs, streamed: hold share ``share`` of the rows (``owner``: (N,) share of each row),
+        empty lists; returns the digit pairs to step through (``token_pairs.lockstep``)."""
+        self.shares[share] = new_share(self.tables, self.codes, self.n_edges, min_shared,
+                                       self.threads or torch.get_num_threads(), np.asarray(owner), share)
+        return self.shares[share].digit_pairs
+
+    def share_step(self, share: int, first: int, second: int, *inbox) -> tuple:
+        """One digit pair of a share (``PairShare.step``): (its roots, an outbox per share)."""
+        return self.shares[share].step(first, second, list(inbox))
+
+    def finish_share(self, share: int, *inbox) -> dict[str, Any]:
+        """A share's last inbox taken; rows with fewer partners than n_edges get their exact lists, and
+        the share's lists are written as its parts (task = share). Returns the writer's report."""
+        rows, found, counts = self.shares.pop(share).finish(list(inbox))
         completed = _complete_short_lists(found, rows, self.exact)
-        return rows, found, {**counts, "rows_completed_exactly": completed}
+        return {**self.writer.write(share, rows, found), "counts": {**counts, "rows_completed_exactly": completed}}
 
     def token_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """token_blocks: neighbours of ``rows`` over their shared-token blocks."""
@@ -421,20 +446,24 @@ def _streamed_shared_tokens(setup: _Setup, cfg: GraphConfig, token_embeddings, c
 def _stream_lists(setup: _Setup, cfg: GraphConfig, workers, partition: np.ndarray, shared: int) -> dict[str, Any]:
     """Every worker's tasks run, each writing its parts; returns ``_merge_reports`` of them.
 
-    Token pairs get one task per worker (each sorts the whole catalogue per digit pair), its rows
-    whole partitions where it can; other methods the usual tasks."""
+    Token pairs: one share of the rows per worker (whole partitions where it can), run in lockstep
+    (``token_pairs.lockstep``); other methods the usual tasks."""
     clock = time.perf_counter()
     # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
     order = np.argsort(partition, kind="stable")
     if is_token_pairs(setup.approx):
-        tasks = [("token_pairs", (np.sort(rows), shared)) for rows in np.array_split(order, workers.count)]
+        owner = np.empty(len(partition), np.int32)
+        for share, rows in enumerate(np.array_split(order, workers.count)):
+            owner[rows] = share
+        merged = _merge_reports(workers.token_pair_shares(owner, shared), len(partition))
     else:
         tasks = _tasks(order, cfg.block_size, setup.approx, workers.count)
-    streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
-    merged = _merge_reports(workers.run(streamed), len(partition))
+        streamed = [("stream", (name, args, task)) for task, (name, args) in enumerate(tasks)]
+        merged = _merge_reports(workers.run(streamed), len(partition))
     setup.timings["neighbors_s"] = time.perf_counter() - clock
     if is_token_pairs(setup.approx):
         _token_pair_info(setup, merged["counts"], len(partition), cfg.threads_per_actor if not setup.local else 1)
+        setup.info.update(offers_between_shares=merged["counts"]["sent"])
     return merged
 
 
@@ -494,11 +523,17 @@ class _WrittenParts:
         tag, files, digests = new_build_tag(), {}, {}
         pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
 
-        def flush(part: int) -> None:
+        def flush(part: int, last: bool = False) -> None:
+            # Whole files of ROWS_PER_FILE rows; the rest waits for more rows unless ``last``.
             rows, lists = (np.concatenate(a) for a in zip(*pending.pop(part)))
-            name = part_name(part, len(files.setdefault(str(part), [])), tag)
-            digests[name] = write_part(self.graph_dir, name, self.index.item_ids, rows, lists, part, self.storage)
-            files[str(part)].append(name)
+            for lo in range(0, len(rows), ROWS_PER_FILE):
+                if len(rows) - lo < ROWS_PER_FILE and not last:
+                    pending[part] = [(rows[lo:], lists[lo:])]
+                    break
+                name = part_name(part, len(files.setdefault(str(part), [])), tag)
+                digests[name] = write_part(self.graph_dir, name, self.index.item_ids, rows[lo : lo + ROWS_PER_FILE],
+                                           lists[lo : lo + ROWS_PER_FILE], part, self.storage)
+                files[str(part)].append(name)
 
         for name, rows, lists in self.lists():
             owner = partition[rows]
@@ -508,7 +543,7 @@ class _WrittenParts:
                     flush(part)
             io.remove(io.join(self.graph_dir, name), self.storage)  # this build's: never committed
         for part in sorted(pending):
-            flush(part)
+            flush(part, last=True)
         return {p: files[p] for p in sorted(files, key=int)}, digests
 
 
@@ -518,8 +553,8 @@ def _merge_reports(reports: Iterator[dict[str, Any]], n_items: int) -> dict[str,
     merged: dict[str, Any] = {"digests": {}, "degree_min": None, "degree_sum": 0, "cross_edges": 0, "counts": {}}
     sample_rows, sample_lists, done = [], [], 0
     for report in reports:
-        for part, name in report["files"].items():
-            files.setdefault(str(part), []).append(name)
+        for part, names in report["files"].items():
+            files.setdefault(str(part), []).extend(names)
         merged["digests"].update(report["digests"])
         if report["rows"]:
             low = report["degree_min"]
@@ -608,6 +643,15 @@ class _LocalWorkers:
         parts = np.array_split(rows, self.threads)
         return np.concatenate(list(self.run([("exact", (p,)) for p in parts if len(p)])))
 
+    def token_pair_shares(self, owner: np.ndarray, min_shared: int) -> Iterator[dict[str, Any]]:
+        """Token pairs, streamed: the shares of ``owner`` in lockstep, one after another on this
+        process's threads; each writes its parts. Yields the writer's reports."""
+        n_shares = int(owner.max()) + 1
+        pairs = [self.worker.start_share(owner, s, min_shared) for s in range(n_shares)][0]
+        yield from lockstep(n_shares, pairs, lambda s, first, second, inbox: self.worker.share_step(s, first, second,
+                                                                                                     *inbox),
+                            lambda s, inbox: self.worker.finish_share(s, *inbox))
+
     def close(self) -> None:
         pass
 
@@ -639,6 +683,22 @@ class _RayWorkers:
 
         parts = np.array_split(rows, len(self.actors))
         return np.concatenate(ray.get([a.exact.remote(p) for a, p in zip(self.actors, parts) if len(p)]))
+
+    def token_pair_shares(self, owner: np.ndarray, min_shared: int) -> Iterator[dict[str, Any]]:
+        """Token pairs, streamed: share s of ``owner`` on actor s, in lockstep. Every step is submitted
+        at once: Ray runs each when the others' previous outputs exist, and frees those once taken.
+        Yields the writer's reports as the shares finish."""
+        import ray
+
+        n_shares = len(self.actors)
+        owner_ref = ray.put(owner)
+        pairs = ray.get([a.start_share.remote(owner_ref, s, min_shared) for s, a in enumerate(self.actors)])[0]
+        step = [a.share_step.options(num_returns=n_shares + 1) for a in self.actors]
+        finished = lockstep(n_shares, pairs, lambda s, first, second, inbox: step[s].remote(s, first, second, *inbox),
+                            lambda s, inbox: self.actors[s].finish_share.remote(s, *inbox))
+        while finished:
+            done, finished = ray.wait(finished)
+            yield ray.get(done[0])
 
     def close(self) -> None:
         import ray

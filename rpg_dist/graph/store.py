@@ -71,8 +71,11 @@ def new_build_tag() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def part_name(part: int, chunk: int, tag: str) -> str:
-    """``part-PPPPP-CCCCC-TAG.parquet``: chunk C of partition P of build TAG."""
+def part_name(part: int, chunk: int, tag: str, task: int | None = None) -> str:
+    """``part-PPPPP-CCCCC-TAG.parquet``: chunk C of partition P of build TAG; a streamed build's
+    workers write ``part-PPPPP-TTTTT-CCCCC-TAG.parquet``, chunk C of their task T's rows."""
+    if task is not None:
+        return f"part-{part:05d}-{task:05d}-{chunk:05d}-{tag}.parquet"
     return f"part-{part:05d}-{chunk:05d}-{tag}.parquet"
 
 

@@ -31,10 +31,13 @@ so the lists do not depend on the number of threads or rounds.
 Memory: the (N, k) int64 lists (8 bytes per edge: 8 GB at 10M items x 100 edges, handed back block
 by block as the (N, k) int32 result is written: 14.2 GiB peak for the 10M build), one pair-sorted
 copy of the codes (N x 32 bytes) and the offer buffer (12 bytes an offer, at least the largest pair
-bucket's s (s - 1) per thread). The lists live in the building process; a streamed build
-(``rows``: one share of the catalogue per Ray actor) keeps only its share's lists, but every share
-sorts the whole catalogue's codes per digit pair, visits every bucket that holds one of its rows and
-scores the pairs with an end among them (a pair across two shares is scored by both).
+bucket's s (s - 1) per thread). The lists live in the building process; a streamed build splits
+the rows into shares (``PairShare``, one per Ray actor) that keep only their own rows' lists and run
+in lockstep, digit pair by digit pair (``lockstep``). Every share sorts the whole catalogue's codes
+per digit pair; a pair is compared and scored by one share only, the owner of its end that comes
+first in the pair order, and the offer to the other end travels to that end's share with the next
+digit pair (filtered by the roots that share last reported). So the shares compare and score the
+single-process build's pairs between them, once each, and end with its lists.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import math
 import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,9 +61,6 @@ log = logging.getLogger(__name__)
 
 # Pairs per round and thread: offers (at most 2 per pair, 12 bytes each) are buffered for one round.
 CHUNK_PAIRS = 1 << 22
-# The list root of an item whose list this build does not keep (``rows`` given): no key beats it,
-# so it is never offered anything.
-NOT_OWNED = np.iinfo(np.int64).max
 
 
 def sharing_fraction(codes: np.ndarray, rows: np.ndarray, lists: np.ndarray, min_shared: int) -> float:
@@ -82,10 +83,8 @@ def choose_shared(codes: np.ndarray, rows: np.ndarray, exact_lists: np.ndarray, 
 
 
 def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, min_shared: int, threads: int,
-                         chunk_pairs: int = CHUNK_PAIRS, width: int | None = None,
-                         rows: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """The best ``n_edges`` items of every item (or of ``rows``) among those sharing ``min_shared``
-    tokens with it.
+                         chunk_pairs: int = CHUNK_PAIRS, width: int | None = None) -> tuple[np.ndarray, dict]:
+    """The best ``n_edges`` items of every item among those sharing ``min_shared`` tokens with it.
 
     Args:
         tables: (m, V, V) symmetric digit cosine tables (``similarity.digit_similarity_tables``).
@@ -95,53 +94,176 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
         threads: threads of the kernels.
         chunk_pairs: pairs a thread visits between two rounds of list updates (bounds the offer buffer).
         width: digits per bucket key (2, or 3 when min_shared >= 3); default ``bucket_width``.
-        rows: sorted rows whose lists to build (a streamed build's share; default all): only the
-            buckets holding one of them are compared, only pairs with one of them scored, and
-            lists are kept for them alone.
 
     Returns:
-        (N or len(rows), n_edges) int32 rows, best first, -1 padded (where fewer items share r
-        tokens); and
+        (N, n_edges) int32 rows, best first, -1 padded (where fewer items share r tokens); and
         counts: pairs visited, pairs scored, offers made, list entries changed, bucket width, and the
         seconds spent sorting items by digit pairs and visiting their buckets.
     """
+    (_, neighbors, counts), = token_pair_shares(tables, codes, n_edges, min_shared, threads, None, chunk_pairs, width)
+    return neighbors, counts
+
+
+def token_pair_shares(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, min_shared: int, threads: int,
+                      owner: np.ndarray | None = None, chunk_pairs: int = CHUNK_PAIRS,
+                      width: int | None = None) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """``token_pair_neighbors`` as shares of the rows (``owner``: (N,) share of each row; default one
+    share of all), run in this process in lockstep the way a streamed build's actors run them.
+    Returns each share's (sorted rows, their lists, its counts)."""
+    n_shares = 1 if owner is None else int(owner.max()) + 1
+    shares = [new_share(tables, codes, n_edges, min_shared, threads, owner, s, chunk_pairs, width)
+              for s in range(n_shares)]
+    try:
+        return lockstep(n_shares, shares[0].digit_pairs,
+                        lambda s, first, second, inbox: shares[s].step(first, second, inbox),
+                        lambda s, inbox: shares[s].finish(inbox))
+    finally:
+        for share in shares:
+            share.pool.close()
+
+
+def lockstep(n_shares: int, digit_pairs: list[tuple[int, int]], step, finish) -> list:
+    """Drive shares digit pair by digit pair. ``step(s, first, second, inbox)`` returns share s's
+    (roots of its rows, outbox to share 0, ..., outbox to share n - 1); share s's inbox at the next
+    pair, and at ``finish(s, inbox)``, is the others' last: roots o, outbox o -> s for each other
+    share o in order. Works on values, or on Ray object refs (a step then runs once its inputs exist,
+    at most one digit pair ahead of the others)."""
+    last = None
+    for first, second in digit_pairs:
+        last = [step(s, first, second, _inbox(last, s)) for s in range(n_shares)]
+    return [finish(s, _inbox(last, s)) for s in range(n_shares)]
+
+
+def _inbox(last: list | None, share: int) -> list:
+    if last is None:
+        return []
+    return [x for other, out in enumerate(last) if other != share for x in (out[0], out[1 + share])]
+
+
+def digit_pairs(n_digit: int, width: int) -> list[tuple[int, int]]:
+    """The digit pairs a build sorts by, in order (with buckets of 3 digits, those with a later digit)."""
+    return [(a, b) for a, b in itertools.combinations(range(n_digit), 2) if width == 2 or b < n_digit - 1]
+
+
+@dataclass
+class PairShare:
+    """One share of a token-pairs build: the lists of its rows, filled digit pair by digit pair.
+
+    Shares split the pairs: a pair is compared and scored by the share owning the end that comes first
+    in the digit pair's order (the same order in every share), which offers the score to both ends.
+    An offer to another share's row leaves in ``step``'s outbox when it beats the root that share last
+    reported; roots only rise, so a stale root never drops an offer the list would take, and each
+    list ends as the best distinct keys offered to it: the single-share lists, whatever the shares.
+    """
+
+    tab: np.ndarray  # (m V V,) float32 tables, flat: (k * V + a) * V + b
+    vocab: int
+    cod: np.ndarray  # (N, 8W) uint8 padded codes (``_padded_codes``)
+    n_digit: int
+    min_shared: int
+    chunk_pairs: int
+    digit_pairs: list[tuple[int, int]]
+    width: int
+    owner: np.ndarray  # (N,) int32 share of each row
+    share: int
+    share_rows: list[np.ndarray]  # sorted rows of each share
+    heaps: _Lists  # (L, k) heaps of this share's rows
+    worst: np.ndarray  # (N,) int64 list roots: this share's live, the others' as last reported
+    slot: np.ndarray  # (N,) int64 list of each row, -1 in other shares (empty: one share, row r's list is r)
+    owned: np.ndarray  # (N,) bool rows of this share
+    pool: _Pool
+    totals: dict
+    tuples_done: int = 0
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.share_rows[self.share]
+
+    def run_pair(self, first: int, second: int, outgoing: list | None = None) -> int:
+        """Sort by one digit pair and visit its buckets; offers to other shares' rows are appended to
+        ``outgoing`` as (targets, keys). Returns the tuples run."""
+        before = self.tuples_done
+        self.tuples_done += _run_pair(self, first, second, outgoing)
+        n_tuples = math.comb(self.n_digit, self.width)
+        if self.tuples_done * 10 // n_tuples > before * 10 // n_tuples:
+            log.info("graph token pairs (share %d): %d/%d digit %s, %d pairs visited, %d scored, %.0f s", self.share,
+                     self.tuples_done, n_tuples, "triples" if self.width == 3 else "pairs", self.totals["visited"],
+                     self.totals["scored"], self.totals["sort_s"] + self.totals["visit_s"])
+        return self.tuples_done - before
+
+    def step(self, first: int, second: int, inbox: list) -> tuple:
+        """``lockstep``'s step: take the inbox, run the pair; returns (this share's roots, an outbox
+        (int32 targets, int64 keys) per share)."""
+        self.receive(inbox)
+        outgoing: list = []
+        self.run_pair(first, second, outgoing)
+        return (self.worst[self.rows], *self._outboxes(outgoing))
+
+    def receive(self, inbox: list) -> None:
+        """Other shares' roots and their offers to this share's rows (``lockstep``'s inbox)."""
+        others = [o for o in range(len(self.share_rows)) if o != self.share]
+        for other, roots, (targets, keys) in zip(others, inbox[0::2], inbox[1::2]):
+            self.worst[self.share_rows[other]] = roots
+            if len(targets):
+                starts, ends = np.zeros(1, np.int64), np.array([len(targets)], np.int64)
+                self.totals["changed"] += sum(self.pool.map_rows(len(self.worst), lambda lo, hi: _apply(
+                    self.heaps.keys, self.slot, self.worst, targets, keys, starts, ends, lo, hi)))
+                self.totals["received"] += len(targets)
+
+    def finish(self, inbox: list) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The last inbox taken; returns (rows, (L, k) int32 lists best first, -1 padded, counts)."""
+        self.receive(inbox)
+        neighbors = self.heaps.release_sorted(self.pool)
+        self.pool.close()
+        return self.rows, neighbors, self.totals
+
+    def _outboxes(self, outgoing: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        targets = np.concatenate([t for t, _ in outgoing]) if outgoing else np.empty(0, np.int32)
+        keys = np.concatenate([k for _, k in outgoing]) if outgoing else np.empty(0, np.int64)
+        dest = self.owner[targets]
+        order = np.argsort(dest, kind="stable")
+        bounds = np.searchsorted(dest[order], np.arange(len(self.share_rows) + 1))
+        self.totals["sent"] += len(targets)
+        return [(targets[order[a:b]], keys[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def new_share(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, min_shared: int, threads: int,
+              owner: np.ndarray | None = None, share: int = 0, chunk_pairs: int = CHUNK_PAIRS,
+              width: int | None = None) -> PairShare:
+    """Share ``share`` of a build whose rows are split by ``owner`` ((N,) share of each row; default
+    one share of all rows), empty lists. Arguments as ``token_pair_neighbors``."""
     n_items, n_digit = codes.shape
     vocab = tables.shape[1]
     if min_shared < 2 or vocab > 256 or n_digit > 64:
         raise ValueError(f"token pairs need r >= 2 (got {min_shared}), one-byte tokens (V <= 256, got {vocab}) "
                          f"and at most 64 digits (got {n_digit})")
-    tab = np.ascontiguousarray(tables.numpy(), np.float32).reshape(-1)  # flat: (k * V + a) * V + b
-    cod = _padded_codes(codes.numpy())  # (N, 8W) uint8: read as W uint64 words, 8 tokens each
     width = width or bucket_width(n_items, n_digit, min_shared)
     if not 2 <= width <= min(3, min_shared):
         raise ValueError(f"width={width}: buckets of 2 digits, or 3 when pairs share 3 or more")
-    heaps = _Lists(n_items if rows is None else len(rows), max(n_edges, 1))
-    worst, slot = kept_roots(n_items, rows)
-    totals = new_counts(width)
-    with _Pool(threads) as pool:
-        _build(tab, vocab, cod, n_digit, heaps.keys, slot, worst, width, min_shared, chunk_pairs, pool, totals)
-        neighbors = heaps.release_sorted(pool)
-    return neighbors, totals
-
-
-def kept_roots(n_items: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Empty lists' roots and the row -> list map, for every row or for ``rows`` only: (N,) int64
-    roots (NOT_OWNED for a row whose list is not kept) and (N,) int64 list of each kept row (empty:
-    row r's list is list r)."""
-    worst = np.full(n_items, MIN_KEY, np.int64)
+    if owner is None:
+        owner = np.zeros(n_items, np.int32)
+    share_rows = [np.flatnonzero(owner == s) for s in range(int(owner.max(initial=0)) + 1)]
+    rows = share_rows[share]
+    log.info("graph token pairs: share %d of %d, %d of %d items, r %d, buckets of %d digits (%d tuples), %d threads",
+             share, len(share_rows), len(rows), n_items, min_shared, width, math.comb(n_digit, width), max(threads, 1))
     slot = np.empty(0, np.int64)
-    if rows is not None:
-        worst[:] = NOT_OWNED
-        worst[rows] = MIN_KEY
+    if len(share_rows) > 1:
         slot = np.full(n_items, -1, np.int64)
         slot[rows] = np.arange(len(rows))
-    return worst, slot
+    return PairShare(tab=np.ascontiguousarray(tables.numpy(), np.float32).reshape(-1), vocab=vocab,
+                     cod=_padded_codes(np.asarray(codes)), n_digit=n_digit, min_shared=min_shared,
+                     chunk_pairs=chunk_pairs, digit_pairs=digit_pairs(n_digit, width), width=width,
+                     owner=np.asarray(owner, np.int32), share=share, share_rows=share_rows,
+                     heaps=_Lists(len(rows), max(n_edges, 1)), worst=np.full(n_items, MIN_KEY, np.int64),
+                     slot=slot, owned=owner == share, pool=_Pool(threads), totals=new_counts(width))
 
 
 def new_counts(width: int) -> dict:
-    """The kernel's counts, zero: pairs visited and scored, offers, list entries changed, seconds
-    sorting and visiting (``_run_pair`` adds to them), and the bucket width."""
-    return {"visited": 0, "scored": 0, "offers": 0, "changed": 0, "width": width, "sort_s": 0.0, "visit_s": 0.0}
+    """The kernel's counts, zero: pairs visited and scored, offers (of them sent to and received from
+    other shares), list entries changed, seconds sorting and visiting (``_run_pair`` adds to them),
+    and the bucket width."""
+    return {"visited": 0, "scored": 0, "offers": 0, "sent": 0, "received": 0, "changed": 0, "width": width,
+            "sort_s": 0.0, "visit_s": 0.0}
 
 
 class _Lists:
@@ -171,60 +293,42 @@ class _Lists:
         return neighbors
 
 
-def _build(tab, vocab, cod, n_digit, heaps, slot, worst, width, min_shared, chunk_pairs, pool, totals) -> None:
-    """Every tuple of ``width`` digits in lexicographic order, each pair offered to both heaps.
+def _run_pair(share: PairShare, first: int, second: int, outgoing: list | None) -> int:
+    """One digit pair: sort the items by its tokens, then visit its buckets (split by each later digit
+    when the share's width is 3). Adds the sort's and the visit's seconds to the share's totals;
+    returns the tuples run.
 
     Per digit pair the items are sorted by their two tokens (a counting sort over 2^16 keys) and their
-    codes and list roots copied in that order. A bucket of 3 digits is a subset of one pair bucket, so
-    each pair bucket is taken once, in cache, and split by every third digit in turn: buckets never
-    read rows at random (a random row costs ~100 ns here; at 10M items, gathering buckets' members
-    that way cost more than comparing them, and a counting sort over a triple's 2^24 keys 0.6 s per
-    triple). The copied roots go stale while the pair runs: they only let through offers that the
-    lists then reject.
+    codes, roots and ownership copied in that order. A bucket of 3 digits is a subset of one pair
+    bucket, so each pair bucket is taken once, in cache, and split by every third digit in turn:
+    buckets never read rows at random (a random row costs ~100 ns here; at 10M items, gathering
+    buckets' members that way cost more than comparing them, and a counting sort over a triple's 2^24
+    keys 0.6 s per triple). The copied roots go stale while the pair runs: they only let through
+    offers that the lists then reject.
     """
-    n_items = cod.shape[0]
     clock = time.perf_counter()
-    n_tuples = math.comb(n_digit, width)
-    log.info("graph token pairs: %d items, r %d, buckets of %d digits (%d tuples), %d threads", n_items, min_shared,
-             width, n_tuples, pool.threads)
-    done = 0
-    for (first, second) in itertools.combinations(range(n_digit), 2):
-        if width == 3 and second == n_digit - 1:
-            continue
-        before, done = done, done + _run_pair(tab, vocab, cod, n_digit, heaps, slot, worst, first, second, width,
-                                              min_shared, chunk_pairs, pool, totals)
-        if done * 10 // n_tuples > before * 10 // n_tuples:
-            log.info("graph token pairs: %d/%d digit %s, %d pairs visited, %d scored, %.0f s", done, n_tuples,
-                     "triples" if width == 3 else "pairs", totals["visited"], totals["scored"],
-                     time.perf_counter() - clock)
-
-
-def _run_pair(tab, vocab, cod, n_digit, heaps, slot, worst, first, second, width, min_shared, chunk_pairs, pool,
-              totals) -> int:
-    """One digit pair: sort the items by its tokens, then visit its buckets (split by each later digit
-    when ``width`` is 3). Adds the sort's and the visit's seconds to ``totals``; returns the tuples run."""
-    clock = time.perf_counter()
-    pairs = _PairOrder(*_pair_sort(cod, worst, first, second))
-    thirds = np.arange(second + 1, n_digit) if width == 3 else np.array([-1])
+    pairs = _PairOrder(*_pair_sort(share.cod, share.worst, share.owned, first, second))
+    thirds = np.arange(second + 1, share.n_digit) if share.width == 3 else np.array([-1])
     masks = np.stack([_digit_masks((first, second) if t < 0 else (first, second, int(t)), pairs.words.shape[1],
-                                   n_digit) for t in thirds])  # (T, 3, W)
+                                   share.n_digit) for t in thirds])  # (T, 3, W)
     sorted_at = time.perf_counter()
-    _visit_pair(tab, vocab, n_digit, pairs, thirds, masks, min_shared, heaps, slot, worst, chunk_pairs, pool, totals)
-    totals["sort_s"] += sorted_at - clock
-    totals["visit_s"] += time.perf_counter() - sorted_at
+    _visit_pair(share, pairs, thirds, masks, outgoing)
+    share.totals["sort_s"] += sorted_at - clock
+    share.totals["visit_s"] += time.perf_counter() - sorted_at
     return len(thirds)
 
 
 class _PairOrder:
-    """The items sorted by their tokens at a digit pair, with copies of their codes and list roots in
-    that order, and the pair buckets (runs of >= 2 items)."""
+    """The items sorted by their tokens at a digit pair, with copies of their codes, list roots and
+    ownership in that order, and the pair buckets (runs of >= 2 items)."""
 
-    def __init__(self, rows: np.ndarray, codes: np.ndarray, worst: np.ndarray, begins: np.ndarray,
-                 sizes: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray, codes: np.ndarray, worst: np.ndarray, owned: np.ndarray,
+                 begins: np.ndarray, sizes: np.ndarray) -> None:
         self.rows = rows  # (N,) int32 item rows in pair order
         self.codes = codes  # (N, 8W) uint8 their codes
         self.words = codes.view(np.uint64)  # (N, W) the same, 8 tokens per word
         self.worst = worst  # (N,) int64 their list roots when sorted
+        self.owned = owned  # (N,) bool whether the share keeps their lists
         self.begins, self.sizes = begins, sizes  # (P,) int64 the pair buckets
 
 
@@ -250,10 +354,7 @@ class _Pool:
         self.threads = max(1, threads)
         self.executor = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def __enter__(self) -> _Pool:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
 
@@ -277,14 +378,14 @@ def _padded_codes(codes: np.ndarray) -> np.ndarray:
     return padded
 
 
-def _visit_pair(tab, vocab, n_digit, pairs: _PairOrder, thirds, masks, min_shared, heaps, slot, worst, chunk_pairs,
-                pool: _Pool, totals) -> None:
+def _visit_pair(share: PairShare, pairs: _PairOrder, thirds, masks, outgoing: list | None) -> None:
     """Visit every bucket of one digit pair (its pair buckets split by each third digit), in rounds:
     the threads visit disjoint pair buckets and append offers to their own stretch of one buffer until
-    it could overflow, then each thread applies the round's offers to the lists of its own rows."""
-    sizes = pairs.sizes
+    it could overflow, then each thread applies the round's offers to the lists of its own rows, and
+    the offers to other shares' rows go to ``outgoing``."""
+    pool, totals, sizes = share.pool, share.totals, pairs.sizes
     # One (pair bucket, third digit) must fit a stretch: all its members in one bucket offer s (s - 1).
-    capacity = max(2 * chunk_pairs, int((sizes * (sizes - 1)).max(initial=0)))
+    capacity = max(2 * share.chunk_pairs, int((sizes * (sizes - 1)).max(initial=0)))
     targets = np.empty(capacity * pool.threads, np.int32)
     keys = np.empty(capacity * pool.threads, np.int64)
     work = np.cumsum(sizes.astype(np.float64) ** 2)
@@ -293,17 +394,21 @@ def _visit_pair(tab, vocab, n_digit, pairs: _PairOrder, thirds, masks, min_share
     state = [(bounds[t], 0) for t in range(pool.threads)]  # each thread's next (pair bucket, third)
     while any(state[t][0] < bounds[t + 1] for t in range(pool.threads)):
         results = pool.map_ranges(list(range(pool.threads + 1)), lambda t, _: _visit_segments(
-            tab, vocab, n_digit, pairs.rows, pairs.codes, pairs.words, pairs.worst, pairs.begins, sizes, thirds,
-            masks, min_shared, targets, keys, t * capacity, capacity, state[t][0], state[t][1], bounds[t + 1],
-            len(slot) > 0))
+            share.tab, share.vocab, share.n_digit, pairs.rows, pairs.codes, pairs.words, pairs.worst, pairs.owned,
+            pairs.begins, sizes, thirds, masks, share.min_shared, targets, keys, t * capacity, capacity, state[t][0],
+            state[t][1], bounds[t + 1], len(share.slot) > 0))
         state = [(int(r[0]), int(r[1])) for r in results]
         starts = np.arange(pool.threads, dtype=np.int64) * capacity
         ends = starts + np.array([r[2] for r in results], np.int64)
         totals["visited"] += sum(int(r[4]) for r in results)
         totals["scored"] += sum(int(r[3]) for r in results)
         totals["offers"] += int((ends - starts).sum())
-        totals["changed"] += sum(pool.map_rows(len(worst), lambda lo, hi: _apply(heaps, slot, worst, targets, keys,
-                                                                                 starts, ends, lo, hi)))
+        totals["changed"] += sum(pool.map_rows(len(share.worst), lambda lo, hi: _apply(
+            share.heaps.keys, share.slot, share.worst, targets, keys, starts, ends, lo, hi)))
+        if outgoing is not None and len(share.slot):
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                away = share.slot[targets[a:b]] < 0
+                outgoing.append((targets[a:b][away], keys[a:b][away]))
 
 
 def _digit_masks(digits: tuple[int, ...], n_words: int, n_digit: int) -> np.ndarray:
@@ -323,10 +428,11 @@ def _digit_masks(digits: tuple[int, ...], n_words: int, n_digit: int) -> np.ndar
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _pair_sort(codes, worst, first, second):
+def _pair_sort(codes, worst, owned, first, second):
     """A stable counting sort of the items on their tokens at (first, second) (2^16 keys), copying their
-    codes and list roots into that order as it goes (reads in row order, writes scattered): the
-    rows, codes, roots, and the (P,) first positions and sizes of the runs of >= 2 equal keys."""
+    codes, list roots and ownership into that order as it goes (reads in row order, writes
+    scattered): the rows, codes, roots, ownership, and the (P,) first positions and sizes of the
+    runs of >= 2 equal keys."""
     n_items, width = codes.shape
     counts = np.zeros(1 << 16, np.int64)
     for i in range(n_items):
@@ -338,12 +444,14 @@ def _pair_sort(codes, worst, first, second):
     rows = np.empty(n_items, np.int32)
     sorted_codes = np.empty((n_items, width), np.uint8)
     sorted_worst = np.empty(n_items, np.int64)
+    sorted_owned = np.empty(n_items, np.bool_)
     for i in range(n_items):
         key = (np.int64(codes[i, first]) << 8) | codes[i, second]
         at = fill[key]
         fill[key] += 1
         rows[at] = i
         sorted_worst[at] = worst[i]
+        sorted_owned[at] = owned[i]
         for c in range(width):
             sorted_codes[at, c] = codes[i, c]
     n_runs = 0
@@ -356,7 +464,7 @@ def _pair_sort(codes, worst, first, second):
         if counts[key] >= 2:
             begins[n_runs], sizes[n_runs] = starts[key], counts[key]
             n_runs += 1
-    return rows, sorted_codes, sorted_worst, begins, sizes
+    return rows, sorted_codes, sorted_worst, sorted_owned, begins, sizes
 
 
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
@@ -390,13 +498,14 @@ def _pair_test(words, masks, p, q, min_shared):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begins, seg_sizes, thirds, masks,
+def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, owned, seg_begins, seg_sizes, thirds, masks,
                     min_shared, targets, keys, first_slot, capacity, seg, third_index, seg_end, some_rows):
     # Pair buckets [seg, seg_end), from the given third digit on; stops before a (pair bucket, third)
     # whose pairs could overflow the thread's stretch of the offer buffer. Returns the next (pair
-    # bucket, third index), offers written, pairs scored and pairs visited. ``some_rows``: lists are
-    # kept for some rows only (root NOT_OWNED for the others): buckets without one of them are
-    # skipped, and pairs with neither end among them are not scored.
+    # bucket, third index), offers written, pairs scored and pairs visited. ``some_rows``: this share
+    # owns some rows only (``owned``): buckets without one of them are skipped, and of a pair with one
+    # end owned here only, the pair is compared here when that end comes first in pair order (the
+    # other share takes the rest).
     #
     # Inside a bucket: a byte's high bit marks an equal token; its count and the bucket test decide
     # (small buckets pair by pair; larger ones with their members' words gathered digit-major and
@@ -427,7 +536,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         if some_rows and ordered != seg:
             # Once per pair bucket, not per third digit: its positions, kept ones first; a bucket
             # without a kept list is left at once.
-            if _kept_first(worst, lo, size, order) == 0:
+            if _kept_first(owned, lo, size, order) == 0:
                 seg, third_index = seg + 1, 0
                 continue
             ordered = seg
@@ -435,10 +544,9 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
         # Group the pair bucket's items by their token at the third digit (a counting sort over the
         # tokens present only: most buckets hold a few items, for which passes over all 256 tokens
         # are pure overhead). Group k: member[begins[k]:] holds counts[k] items; no third digit: one
-        # group.
+        # group. With some rows kept, a group's kept members come first, then the others, each in
+        # pair order (from ``order``).
         n_groups = 0
-        # With some rows' lists kept, a group's members with a kept list come first (from ``order``):
-        # a member after them pairs only with members without one, so it ends the group's pairs.
         if third < 0:
             for i in range(size):
                 member[i] = order[i] if some_rows else lo + i
@@ -473,52 +581,62 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
             kept = g
             if some_rows:
                 kept = 0
-                while kept < g and worst[member[begin + kept]] != NOT_OWNED:
+                while kept < g and owned[member[begin + kept]]:
                     kept += 1
                 if kept == 0:
                     continue
-            visited += kept * (kept - 1) // 2 + kept * (g - kept)  # the pairs with a kept list
+            # Kept member i pairs with the kept members after it and with the others that come after
+            # it in pair order: those from ``later`` on (it only rises with i; g when all are kept).
             masks_t = masks[third_index]
+            later = kept
             if g <= _SMALL_BUCKET:
-                for i in range(begin, begin + g - 1):
-                    p = member[i]
-                    if some_rows and worst[p] == NOT_OWNED:
-                        break  # the rest of the group keeps no list either
-                    for j in range(i + 1, begin + g):
-                        q = member[j]
-                        if _pair_test(words, masks_t, p, q, min_shared):
-                            queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit,
-                                                           rows, codes, worst, block_codes, totals, targets, keys)
+                for i in range(kept):
+                    p = member[begin + i]
+                    while later < g and member[begin + later] < p:
+                        later += 1
+                    visited += kept - 1 - i + g - later
+                    for span in range(2):
+                        j_lo, j_hi = (i + 1, kept) if span == 0 else (later, g)
+                        for j in range(j_lo, j_hi):
+                            q = member[begin + j]
+                            if _pair_test(words, masks_t, p, q, min_shared):
+                                queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab,
+                                                               n_digit, rows, codes, worst, block_codes, totals,
+                                                               targets, keys)
                 continue
             for i in range(g):
                 for w in range(n_words):
                     member_words[w, i] = words[member[begin + i], w]
-            for i in range(g - 1):
-                if some_rows and worst[member[begin + i]] == NOT_OWNED:
-                    break  # the rest of the group keeps no list either
-                for h in range(0, n_words, 4):  # 4 words (32 digits) at a time, unrolled
-                    a0, a1 = member_words[h, i], member_words[h + 1, i]
-                    a2, a3 = member_words[h + 2, i], member_words[h + 3, i]
-                    w0, w1, w2, w3 = member_words[h], member_words[h + 1], member_words[h + 2], member_words[h + 3]
-                    for j in range(i + 1, g):
-                        e0 = _equal_high(w0[j] ^ a0) & masks_t[0, h]
-                        e1 = _equal_high(w1[j] ^ a1) & masks_t[0, h + 1]
-                        e2 = _equal_high(w2[j] ^ a2) & masks_t[0, h + 2]
-                        e3 = _equal_high(w3[j] ^ a3) & masks_t[0, h + 3]
-                        count = (e0 >> _SEVEN) + (e1 >> _SEVEN) + (e2 >> _SEVEN) + (e3 >> _SEVEN)  # per byte
-                        bad = (((e0 & masks_t[1, h]) ^ masks_t[2, h]) | ((e1 & masks_t[1, h + 1]) ^ masks_t[2, h + 1])
-                               | ((e2 & masks_t[1, h + 2]) ^ masks_t[2, h + 2])
-                               | ((e3 & masks_t[1, h + 3]) ^ masks_t[2, h + 3]))
-                        if h == 0:
-                            shared[j], wrong[j] = count, bad
-                        else:
-                            shared[j] += count
-                            wrong[j] |= bad
+            for i in range(kept):
                 p = member[begin + i]
-                for j in range(i + 1, g):
-                    if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
-                        queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables, vocab,
-                                                       n_digit, rows, codes, worst, block_codes, totals, targets, keys)
+                while later < g and member[begin + later] < p:
+                    later += 1
+                visited += kept - 1 - i + g - later
+                for span in range(2):
+                    j_lo, j_hi = (i + 1, kept) if span == 0 else (later, g)
+                    for h in range(0, n_words, 4):  # 4 words (32 digits) at a time, unrolled
+                        a0, a1 = member_words[h, i], member_words[h + 1, i]
+                        a2, a3 = member_words[h + 2, i], member_words[h + 3, i]
+                        w0, w1, w2, w3 = member_words[h], member_words[h + 1], member_words[h + 2], member_words[h + 3]
+                        for j in range(j_lo, j_hi):
+                            e0 = _equal_high(w0[j] ^ a0) & masks_t[0, h]
+                            e1 = _equal_high(w1[j] ^ a1) & masks_t[0, h + 1]
+                            e2 = _equal_high(w2[j] ^ a2) & masks_t[0, h + 2]
+                            e3 = _equal_high(w3[j] ^ a3) & masks_t[0, h + 3]
+                            count = (e0 >> _SEVEN) + (e1 >> _SEVEN) + (e2 >> _SEVEN) + (e3 >> _SEVEN)  # per byte
+                            bad = (((e0 & masks_t[1, h]) ^ masks_t[2, h]) | ((e1 & masks_t[1, h + 1]) ^ masks_t[2, h + 1])
+                                   | ((e2 & masks_t[1, h + 2]) ^ masks_t[2, h + 2])
+                                   | ((e3 & masks_t[1, h + 3]) ^ masks_t[2, h + 3]))
+                            if h == 0:
+                                shared[j], wrong[j] = count, bad
+                            else:
+                                shared[j] += count
+                                wrong[j] |= bad
+                    for j in range(j_lo, j_hi):
+                        if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
+                            queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables,
+                                                           vocab, n_digit, rows, codes, worst, block_codes, totals,
+                                                           targets, keys)
         third_index += 1
         if third_index == len(thirds):
             seg, third_index = seg + 1, 0
@@ -528,17 +646,17 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, seg_begin
 
 
 @njit(inline="always")
-def _kept_first(worst, lo, size, out):
+def _kept_first(owned, lo, size, out):
     """Positions lo..lo+size into ``out``, those whose list is kept first (each part in order);
     returns how many are kept."""
     n = 0
     for i in range(lo, lo + size):
-        if worst[i] != NOT_OWNED:
+        if owned[i]:
             out[n] = i
             n += 1
     kept = n
     for i in range(lo, lo + size):
-        if worst[i] == NOT_OWNED:
+        if not owned[i]:
             out[n] = i
             n += 1
     return kept
@@ -614,14 +732,15 @@ def _push(heap, key):
 @njit(nogil=True, cache=True, boundscheck=False)
 def _apply(heaps, slot, worst, targets, keys, starts, ends, lo, hi):
     # Each thread owns the lists of rows [lo, hi) and applies their offers (the lists keep the best
-    # distinct keys offered, whatever their order: they do not depend on the thread count).
+    # distinct keys offered, whatever their order: they do not depend on the thread count). Offers
+    # to rows of other shares (slot -1) are left to them.
     changed = 0
     for r in range(len(starts)):
         for n in range(starts[r], ends[r]):
             p = targets[n]
             if lo <= p < hi:
                 h = p if len(slot) == 0 else slot[p]
-                if _push(heaps[h], keys[n]):
+                if h >= 0 and _push(heaps[h], keys[n]):
                     changed += 1
                     worst[p] = heaps[h, 0]
     return changed
