@@ -441,8 +441,9 @@ def test_token_pairs_equal_the_sharing_twin_and_score_each_pair_once(n_digit, mi
     owner = np.full(700, 2, np.int32)
     owner[100:400] = 0
     owner[np.arange(0, 700, 7)] = 1
-    for threads, chunk, width in runs:
-        shares = token_pair_shares(tables, codes, 15, min_shared, threads, owner, chunk, width=width)
+    for run, (threads, chunk, width) in enumerate(runs):
+        # Offers taken the next digit pair, or three pairs later (a share running ahead).
+        shares = token_pair_shares(tables, codes, 15, min_shared, threads, owner, chunk, width=width, lag=1 + 2 * (run % 2))
         for share, (rows, got, counts) in enumerate(shares):
             assert np.array_equal(rows, np.flatnonzero(owner == share)) and np.array_equal(got, want[rows])
             assert 0 < counts["scored"] < n_pairs

@@ -767,8 +767,7 @@ def _partition(token_embeddings, codes, neighbors: np.ndarray | None, cfg: Graph
     a streamed build refines over its written parts instead)."""
     n_parts = min(cfg.n_partitions, codes.shape[0])
     reducer = ItemReducer(token_embeddings, codes, cfg.partition_dim, min(cfg.approx_fit_sample, 4096), seed)
-    vectors = np.concatenate([reducer.project(codes[lo : lo + 65_536]) for lo in range(0, codes.shape[0], 65_536)])
-    partition = kmeans_partition(vectors, n_parts, seed)
+    partition = kmeans_partition(reducer.project_all(codes), n_parts, seed)
     method = f"balanced k-means (faiss, {n_parts} centroids) of {reducer.dim}-d reduced item vectors"
     if neighbors is not None and cfg.refine_rounds and n_parts > 1:
         partition = refine_partition(partition, neighbors, n_parts, cfg.refine_rounds)

@@ -42,6 +42,7 @@ single-process build's pairs between them, once each, and end with its lists.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 # Pairs per round and thread: offers (at most 2 per pair, 12 bytes each) are buffered for one round.
 CHUNK_PAIRS = 1 << 22
+# Digit pairs a share of a streamed build may run ahead of the others (``lockstep``).
+LOCKSTEP_LAG = 4
 
 
 def sharing_fraction(codes: np.ndarray, rows: np.ndarray, lists: np.ndarray, min_shared: int) -> float:
@@ -106,9 +109,9 @@ def token_pair_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int
 
 def token_pair_shares(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, min_shared: int, threads: int,
                       owner: np.ndarray | None = None, chunk_pairs: int = CHUNK_PAIRS,
-                      width: int | None = None) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+                      width: int | None = None, lag: int = LOCKSTEP_LAG) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     """``token_pair_neighbors`` as shares of the rows (``owner``: (N,) share of each row; default one
-    share of all), run in this process in lockstep the way a streamed build's actors run them.
+    share of all), run in this process in ``lockstep`` the way a streamed build's actors run them.
     Returns each share's (sorted rows, their lists, its counts)."""
     n_shares = 1 if owner is None else int(owner.max()) + 1
     shares = [new_share(tables, codes, n_edges, min_shared, threads, owner, s, chunk_pairs, width)
@@ -116,22 +119,24 @@ def token_pair_shares(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, m
     try:
         return lockstep(n_shares, shares[0].digit_pairs,
                         lambda s, first, second, inbox: shares[s].step(first, second, inbox),
-                        lambda s, inbox: shares[s].finish(inbox))
+                        lambda s, inbox: shares[s].finish(inbox), lag)
     finally:
         for share in shares:
             share.pool.close()
 
 
-def lockstep(n_shares: int, digit_pairs: list[tuple[int, int]], step, finish) -> list:
+def lockstep(n_shares: int, digit_pairs: list[tuple[int, int]], step, finish, lag: int = LOCKSTEP_LAG) -> list:
     """Drive shares digit pair by digit pair. ``step(s, first, second, inbox)`` returns share s's
-    (roots of its rows, outbox to share 0, ..., outbox to share n - 1); share s's inbox at the next
-    pair, and at ``finish(s, inbox)``, is the others' last: roots o, outbox o -> s for each other
-    share o in order. Works on values, or on Ray object refs (a step then runs once its inputs exist,
-    at most one digit pair ahead of the others)."""
-    last = None
+    (roots of its rows, outbox to share 0, ..., outbox to share n - 1); share s's inbox at a pair is
+    the others' outputs of ``lag`` pairs before (roots o, outbox o -> s for each other share o in
+    order), and ``finish(s, inbox)`` takes those of the last ``lag`` pairs, oldest first. Works on
+    values, or on Ray object refs: a step then runs once its inputs exist, so a share runs up to
+    ``lag`` pairs ahead of the others (what one pair costs differs between shares)."""
+    pending: collections.deque = collections.deque()  # outputs not taken yet, oldest first
     for first, second in digit_pairs:
-        last = [step(s, first, second, _inbox(last, s)) for s in range(n_shares)]
-    return [finish(s, _inbox(last, s)) for s in range(n_shares)]
+        taken = pending.popleft() if len(pending) == lag else None
+        pending.append([step(s, first, second, _inbox(taken, s)) for s in range(n_shares)])
+    return [finish(s, [x for outputs in pending for x in _inbox(outputs, s)]) for s in range(n_shares)]
 
 
 def _inbox(last: list | None, share: int) -> list:
@@ -168,9 +173,11 @@ class PairShare:
     share: int
     share_rows: list[np.ndarray]  # sorted rows of each share
     heaps: _Lists  # (L, k) heaps of this share's rows
-    worst: np.ndarray  # (N,) int64 list roots: this share's live, the others' as last reported
-    slot: np.ndarray  # (N,) int64 list of each row, -1 in other shares (empty: one share, row r's list is r)
-    owned: np.ndarray  # (N,) bool rows of this share
+    roots: np.ndarray  # (L,) int64 this share's list roots (the worst key each list holds)
+    others_roots: np.ndarray  # (N,) int64 other shares' rows' roots as last reported (empty: one share)
+    # (N,) int32 list of each row, -(row + 1) for rows of other shares: offers carry it, so applying
+    # one never looks a row's list up (at 10M items a random read of an 80 MB map per offer).
+    slot: np.ndarray
     pool: _Pool
     totals: dict
     tuples_done: int = 0
@@ -197,17 +204,18 @@ class PairShare:
         self.receive(inbox)
         outgoing: list = []
         self.run_pair(first, second, outgoing)
-        return (self.worst[self.rows], *self._outboxes(outgoing))
+        return (self.roots.copy(), *self._outboxes(outgoing))
 
     def receive(self, inbox: list) -> None:
         """Other shares' roots and their offers to this share's rows (``lockstep``'s inbox)."""
-        others = [o for o in range(len(self.share_rows)) if o != self.share]
-        for other, roots, (targets, keys) in zip(others, inbox[0::2], inbox[1::2]):
-            self.worst[self.share_rows[other]] = roots
+        others = [o for o in range(len(self.share_rows)) if o != self.share]  # repeated per pair taken
+        for other, roots, (targets, keys) in zip(itertools.cycle(others), inbox[0::2], inbox[1::2]):
+            self.others_roots[self.share_rows[other]] = roots
             if len(targets):
+                lists = self.slot[targets]  # offers name rows; applied to lists
                 starts, ends = np.zeros(1, np.int64), np.array([len(targets)], np.int64)
-                self.totals["changed"] += sum(self.pool.map_rows(len(self.worst), lambda lo, hi: _apply(
-                    self.heaps.keys, self.slot, self.worst, targets, keys, starts, ends, lo, hi)))
+                self.totals["changed"] += sum(self.pool.map_rows(len(self.roots), lambda lo, hi: _apply(
+                    self.heaps.keys, self.roots, lists, keys, starts, ends, lo, hi)))
                 self.totals["received"] += len(targets)
 
     def finish(self, inbox: list) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -246,16 +254,18 @@ def new_share(tables: torch.Tensor, codes: torch.Tensor, n_edges: int, min_share
     rows = share_rows[share]
     log.info("graph token pairs: share %d of %d, %d of %d items, r %d, buckets of %d digits (%d tuples), %d threads",
              share, len(share_rows), len(rows), n_items, min_shared, width, math.comb(n_digit, width), max(threads, 1))
-    slot = np.empty(0, np.int64)
+    slot = np.arange(n_items, dtype=np.int32)
+    others_roots = np.empty(0, np.int64)
     if len(share_rows) > 1:
-        slot = np.full(n_items, -1, np.int64)
+        slot = -slot - 1
         slot[rows] = np.arange(len(rows))
+        others_roots = np.full(n_items, MIN_KEY, np.int64)
     return PairShare(tab=np.ascontiguousarray(tables.numpy(), np.float32).reshape(-1), vocab=vocab,
                      cod=_padded_codes(np.asarray(codes)), n_digit=n_digit, min_shared=min_shared,
                      chunk_pairs=chunk_pairs, digit_pairs=digit_pairs(n_digit, width), width=width,
                      owner=np.asarray(owner, np.int32), share=share, share_rows=share_rows,
-                     heaps=_Lists(len(rows), max(n_edges, 1)), worst=np.full(n_items, MIN_KEY, np.int64),
-                     slot=slot, owned=owner == share, pool=_Pool(threads), totals=new_counts(width))
+                     heaps=_Lists(len(rows), max(n_edges, 1)), roots=np.full(len(rows), MIN_KEY, np.int64),
+                     others_roots=others_roots, slot=slot, pool=_Pool(threads), totals=new_counts(width))
 
 
 def new_counts(width: int) -> dict:
@@ -307,7 +317,7 @@ def _run_pair(share: PairShare, first: int, second: int, outgoing: list | None) 
     offers that the lists then reject.
     """
     clock = time.perf_counter()
-    pairs = _PairOrder(*_pair_sort(share.cod, share.worst, share.owned, first, second))
+    pairs = _PairOrder(*_pair_sort(share.cod, share.slot, share.roots, share.others_roots, first, second))
     thirds = np.arange(second + 1, share.n_digit) if share.width == 3 else np.array([-1])
     masks = np.stack([_digit_masks((first, second) if t < 0 else (first, second, int(t)), pairs.words.shape[1],
                                    share.n_digit) for t in thirds])  # (T, 3, W)
@@ -322,13 +332,13 @@ class _PairOrder:
     """The items sorted by their tokens at a digit pair, with copies of their codes, list roots and
     ownership in that order, and the pair buckets (runs of >= 2 items)."""
 
-    def __init__(self, rows: np.ndarray, codes: np.ndarray, worst: np.ndarray, owned: np.ndarray,
+    def __init__(self, rows: np.ndarray, codes: np.ndarray, slots: np.ndarray, worst: np.ndarray,
                  begins: np.ndarray, sizes: np.ndarray) -> None:
         self.rows = rows  # (N,) int32 item rows in pair order
         self.codes = codes  # (N, 8W) uint8 their codes
         self.words = codes.view(np.uint64)  # (N, W) the same, 8 tokens per word
+        self.slots = slots  # (N,) int32 their lists (negative: another share's row)
         self.worst = worst  # (N,) int64 their list roots when sorted
-        self.owned = owned  # (N,) bool whether the share keeps their lists
         self.begins, self.sizes = begins, sizes  # (P,) int64 the pair buckets
 
 
@@ -394,21 +404,21 @@ def _visit_pair(share: PairShare, pairs: _PairOrder, thirds, masks, outgoing: li
     state = [(bounds[t], 0) for t in range(pool.threads)]  # each thread's next (pair bucket, third)
     while any(state[t][0] < bounds[t + 1] for t in range(pool.threads)):
         results = pool.map_ranges(list(range(pool.threads + 1)), lambda t, _: _visit_segments(
-            share.tab, share.vocab, share.n_digit, pairs.rows, pairs.codes, pairs.words, pairs.worst, pairs.owned,
+            share.tab, share.vocab, share.n_digit, pairs.rows, pairs.codes, pairs.words, pairs.slots, pairs.worst,
             pairs.begins, sizes, thirds, masks, share.min_shared, targets, keys, t * capacity, capacity, state[t][0],
-            state[t][1], bounds[t + 1], len(share.slot) > 0))
+            state[t][1], bounds[t + 1], len(share.others_roots) > 0))
         state = [(int(r[0]), int(r[1])) for r in results]
         starts = np.arange(pool.threads, dtype=np.int64) * capacity
         ends = starts + np.array([r[2] for r in results], np.int64)
         totals["visited"] += sum(int(r[4]) for r in results)
         totals["scored"] += sum(int(r[3]) for r in results)
         totals["offers"] += int((ends - starts).sum())
-        totals["changed"] += sum(pool.map_rows(len(share.worst), lambda lo, hi: _apply(
-            share.heaps.keys, share.slot, share.worst, targets, keys, starts, ends, lo, hi)))
-        if outgoing is not None and len(share.slot):
+        totals["changed"] += sum(pool.map_rows(len(share.roots), lambda lo, hi: _apply(
+            share.heaps.keys, share.roots, targets, keys, starts, ends, lo, hi)))
+        if outgoing is not None and len(share.others_roots):
             for a, b in zip(starts.tolist(), ends.tolist()):
-                away = share.slot[targets[a:b]] < 0
-                outgoing.append((targets[a:b][away], keys[a:b][away]))
+                away = targets[a:b] < 0  # -(row + 1): offers to other shares' rows
+                outgoing.append((-1 - targets[a:b][away], keys[a:b][away]))
 
 
 def _digit_masks(digits: tuple[int, ...], n_words: int, n_digit: int) -> np.ndarray:
@@ -428,11 +438,11 @@ def _digit_masks(digits: tuple[int, ...], n_words: int, n_digit: int) -> np.ndar
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _pair_sort(codes, worst, owned, first, second):
+def _pair_sort(codes, slot, roots, others_roots, first, second):
     """A stable counting sort of the items on their tokens at (first, second) (2^16 keys), copying their
-    codes, list roots and ownership into that order as it goes (reads in row order, writes
-    scattered): the rows, codes, roots, ownership, and the (P,) first positions and sizes of the
-    runs of >= 2 equal keys."""
+    codes, lists (``slot``) and list roots into that order as it goes (reads in row order, writes
+    scattered): the rows, codes, lists, roots, and the (P,) first positions and sizes of the runs
+    of >= 2 equal keys."""
     n_items, width = codes.shape
     counts = np.zeros(1 << 16, np.int64)
     for i in range(n_items):
@@ -443,15 +453,16 @@ def _pair_sort(codes, worst, owned, first, second):
     fill = starts[: 1 << 16].copy()
     rows = np.empty(n_items, np.int32)
     sorted_codes = np.empty((n_items, width), np.uint8)
+    sorted_slot = np.empty(n_items, np.int32)
     sorted_worst = np.empty(n_items, np.int64)
-    sorted_owned = np.empty(n_items, np.bool_)
     for i in range(n_items):
         key = (np.int64(codes[i, first]) << 8) | codes[i, second]
         at = fill[key]
         fill[key] += 1
         rows[at] = i
-        sorted_worst[at] = worst[i]
-        sorted_owned[at] = owned[i]
+        s = slot[i]
+        sorted_slot[at] = s
+        sorted_worst[at] = roots[s] if s >= 0 else others_roots[i]
         for c in range(width):
             sorted_codes[at, c] = codes[i, c]
     n_runs = 0
@@ -464,7 +475,7 @@ def _pair_sort(codes, worst, owned, first, second):
         if counts[key] >= 2:
             begins[n_runs], sizes[n_runs] = starts[key], counts[key]
             n_runs += 1
-    return rows, sorted_codes, sorted_worst, sorted_owned, begins, sizes
+    return rows, sorted_codes, sorted_slot, sorted_worst, begins, sizes
 
 
 _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
@@ -498,12 +509,12 @@ def _pair_test(words, masks, p, q, min_shared):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, owned, seg_begins, seg_sizes, thirds, masks,
+def _visit_segments(tables, vocab, n_digit, rows, codes, words, slots, worst, seg_begins, seg_sizes, thirds, masks,
                     min_shared, targets, keys, first_slot, capacity, seg, third_index, seg_end, some_rows):
     # Pair buckets [seg, seg_end), from the given third digit on; stops before a (pair bucket, third)
     # whose pairs could overflow the thread's stretch of the offer buffer. Returns the next (pair
     # bucket, third index), offers written, pairs scored and pairs visited. ``some_rows``: this share
-    # owns some rows only (``owned``): buckets without one of them are skipped, and of a pair with one
+    # owns some rows only (``slots`` >= 0): buckets without one of them are skipped, and of a pair with one
     # end owned here only, the pair is compared here when that end comes first in pair order (the
     # other share takes the rest).
     #
@@ -536,7 +547,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, owned, se
         if some_rows and ordered != seg:
             # Once per pair bucket, not per third digit: its positions, kept ones first; a bucket
             # without a kept list is left at once.
-            if _kept_first(owned, lo, size, order) == 0:
+            if _kept_first(slots, lo, size, order) == 0:
                 seg, third_index = seg + 1, 0
                 continue
             ordered = seg
@@ -581,7 +592,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, owned, se
             kept = g
             if some_rows:
                 kept = 0
-                while kept < g and owned[member[begin + kept]]:
+                while kept < g and slots[member[begin + kept]] >= 0:
                     kept += 1
                 if kept == 0:
                     continue
@@ -601,7 +612,7 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, owned, se
                             q = member[begin + j]
                             if _pair_test(words, masks_t, p, q, min_shared):
                                 queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab,
-                                                               n_digit, rows, codes, worst, block_codes, totals,
+                                                               n_digit, rows, codes, slots, worst, block_codes, totals,
                                                                targets, keys)
                 continue
             for i in range(g):
@@ -635,51 +646,53 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, worst, owned, se
                     for j in range(j_lo, j_hi):
                         if (wrong[j] == 0) & (np.int64((shared[j] * _BYTES) >> np.uint64(56)) >= min_shared):
                             queued, scored, out = _enqueue(p, member[begin + j], queue, queued, scored, out, tables,
-                                                           vocab, n_digit, rows, codes, worst, block_codes, totals,
-                                                           targets, keys)
+                                                           vocab, n_digit, rows, codes, slots, worst, block_codes,
+                                                           totals, targets, keys)
         third_index += 1
         if third_index == len(thirds):
             seg, third_index = seg + 1, 0
-    out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
-                       keys, out)
+    out = _score_queue(tables, vocab, n_digit, rows, codes, slots, worst, queue, queued, block_codes, totals,
+                       targets, keys, out)
     return seg, third_index, out - first_slot, scored + queued, visited
 
 
 @njit(inline="always")
-def _kept_first(owned, lo, size, out):
+def _kept_first(slots, lo, size, out):
     """Positions lo..lo+size into ``out``, those whose list is kept first (each part in order);
     returns how many are kept."""
     n = 0
     for i in range(lo, lo + size):
-        if owned[i]:
+        if slots[i] >= 0:
             out[n] = i
             n += 1
     kept = n
     for i in range(lo, lo + size):
-        if not owned[i]:
+        if slots[i] < 0:
             out[n] = i
             n += 1
     return kept
 
 
 @njit(inline="always")
-def _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit, rows, codes, worst, block_codes, totals, targets,
-             keys):
+def _enqueue(p, q, queue, queued, scored, out, tables, vocab, n_digit, rows, codes, slots, worst, block_codes, totals,
+             targets, keys):
     """Queue the pair at positions (p, q); a full queue is scored. Returns (queued, scored, out)."""
     queue[0, queued], queue[1, queued] = p, q
     queued += 1
     if queued == _SCORE_BLOCK:
-        out = _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets,
-                           keys, out)
+        out = _score_queue(tables, vocab, n_digit, rows, codes, slots, worst, queue, queued, block_codes, totals,
+                           targets, keys, out)
         scored += queued
         queued = 0
     return queued, scored, out
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, block_codes, totals, targets, keys, out):
+def _score_queue(tables, vocab, n_digit, rows, codes, slots, worst, queue, queued, block_codes, totals, targets, keys,
+                 out):
     """Score the queued pairs (digits in order: exact mode's float32 sum) and append the offers that
-    beat a list's root from ``out``; returns the next free slot."""
+    beat a list's root from ``out``, each to its list (``slots``: negative for another share's row);
+    returns the next free slot."""
     for t in range(queued):
         p, q = queue[0, t], queue[1, t]
         for d in range(n_digit):
@@ -694,11 +707,11 @@ def _score_queue(tables, vocab, n_digit, rows, codes, worst, queue, queued, bloc
         p, q = queue[0, t], queue[1, t]
         key = _key(totals[t], np.int64(rows[q]))
         if key > worst[p]:
-            targets[out], keys[out] = rows[p], key
+            targets[out], keys[out] = slots[p], key
             out += 1
         key = _key(totals[t], np.int64(rows[p]))
         if key > worst[q]:
-            targets[out], keys[out] = rows[q], key
+            targets[out], keys[out] = slots[q], key
             out += 1
     return out
 
@@ -730,19 +743,18 @@ def _push(heap, key):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _apply(heaps, slot, worst, targets, keys, starts, ends, lo, hi):
-    # Each thread owns the lists of rows [lo, hi) and applies their offers (the lists keep the best
-    # distinct keys offered, whatever their order: they do not depend on the thread count). Offers
-    # to rows of other shares (slot -1) are left to them.
+def _apply(heaps, roots, targets, keys, starts, ends, lo, hi):
+    # Each thread owns lists [lo, hi) and applies their offers (the lists keep the best distinct keys
+    # offered, whatever their order: they do not depend on the thread count). Offers to rows of
+    # other shares (negative targets) are left to them.
     changed = 0
     for r in range(len(starts)):
         for n in range(starts[r], ends[r]):
-            p = targets[n]
-            if lo <= p < hi:
-                h = p if len(slot) == 0 else slot[p]
-                if h >= 0 and _push(heaps[h], keys[n]):
+            h = targets[n]
+            if lo <= h < hi:
+                if _push(heaps[h], keys[n]):
                     changed += 1
-                    worst[p] = heaps[h, 0]
+                    roots[h] = heaps[h, 0]
     return changed
 
 
