@@ -17,7 +17,7 @@ from rpg_dist.config import config_from_dict
 from rpg_dist.data import dataset
 from rpg_dist.errors import ConfigError, DataError, StageError
 from rpg_dist.tokenizer import embed, opq, shards, stage
-from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
+from rpg_dist.tokenizer.semantic_ids import load_semantic_ids, to_table
 
 pytestmark = pytest.mark.slow
 
@@ -263,3 +263,18 @@ def test_s3_dataset_and_run_dir(synth_dataset, s3_bucket, ray_local):
     sem = load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids, cfg.storage)
     assert len(sem.index) == stats["n_items"] == 600
     assert len(shards.shard_node_ids(cfg.run_dir, cfg.storage, kind="embed")) == 3
+
+
+def test_semantic_ids_load_sorted_by_item_id_across_row_groups_and_name_a_bad_row(tmp_path):
+    rng = np.random.default_rng(0)
+    item_ids = rng.permutation(np.arange(100, 150))  # not in id order, as a merge of shards may write them
+    codes = rng.integers(0, 256, (50, 6)).astype(np.int16)
+    uri = str(tmp_path / "semantic_ids.parquet")
+    pq.write_table(to_table(item_ids, codes), uri, row_group_size=7)  # several chunks when read
+    loaded = load_semantic_ids(uri)
+    order = np.argsort(item_ids)
+    assert np.array_equal(loaded.index.item_ids, item_ids[order]) and np.array_equal(loaded.codes, codes[order])
+    codes[30, 4] = 256
+    pq.write_table(to_table(item_ids, codes), uri, row_group_size=7)
+    with pytest.raises(DataError, match=f"row 30 \\(item_id {item_ids[30]}\\): field 'codes' is outside 0..255"):
+        load_semantic_ids(uri)

@@ -597,16 +597,18 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, slots, worst, se
                 if kept == 0:
                     continue
             # Kept member i pairs with the kept members after it and with the others that come after
-            # it in pair order: those from ``later`` on (it only rises with i; g when all are kept).
+            # it in pair order: those from ``later`` on (it only rises with i). All kept (one share,
+            # always): the members after i, one span, and the last member starts no pair.
             masks_t = masks[third_index]
             later = kept
+            n_starts, n_spans = (kept, 2) if kept < g else (g - 1, 1)
             if g <= _SMALL_BUCKET:
-                for i in range(kept):
+                for i in range(n_starts):
                     p = member[begin + i]
                     while later < g and member[begin + later] < p:
                         later += 1
                     visited += kept - 1 - i + g - later
-                    for span in range(2):
+                    for span in range(n_spans):
                         j_lo, j_hi = (i + 1, kept) if span == 0 else (later, g)
                         for j in range(j_lo, j_hi):
                             q = member[begin + j]
@@ -618,12 +620,12 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, slots, worst, se
             for i in range(g):
                 for w in range(n_words):
                     member_words[w, i] = words[member[begin + i], w]
-            for i in range(kept):
+            for i in range(n_starts):
                 p = member[begin + i]
                 while later < g and member[begin + later] < p:
                     later += 1
                 visited += kept - 1 - i + g - later
-                for span in range(2):
+                for span in range(n_spans):
                     j_lo, j_hi = (i + 1, kept) if span == 0 else (later, g)
                     for h in range(0, n_words, 4):  # 4 words (32 digits) at a time, unrolled
                         a0, a1 = member_words[h, i], member_words[h + 1, i]
