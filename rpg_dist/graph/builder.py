@@ -449,7 +449,7 @@ def _stream_lists(setup: _Setup, cfg: GraphConfig, workers, partition: np.ndarra
     Token pairs: one share of the rows per worker (whole partitions where it can), run in lockstep
     (``token_pairs.lockstep``); other methods the usual tasks."""
     clock = time.perf_counter()
-    # Rows grouped by partition, so a task's rows mostly fall in one partition (one part file).
+    # Rows grouped by partition, so a task's rows mostly fall in one partition.
     order = np.argsort(partition, kind="stable")
     if is_token_pairs(setup.approx):
         owner = np.empty(len(partition), np.int32)
