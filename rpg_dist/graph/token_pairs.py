@@ -602,24 +602,11 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, slots, worst, se
             masks_t = masks[third_index]
             later = kept
             n_starts, n_spans = (kept, 2) if kept < g else (g - 1, 1)
-            if g <= _SMALL_BUCKET:
-                for i in range(n_starts):
-                    p = member[begin + i]
-                    while later < g and member[begin + later] < p:
-                        later += 1
-                    visited += kept - 1 - i + g - later
-                    for span in range(n_spans):
-                        j_lo, j_hi = (i + 1, kept) if span == 0 else (later, g)
-                        for j in range(j_lo, j_hi):
-                            q = member[begin + j]
-                            if _pair_test(words, masks_t, p, q, min_shared):
-                                queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab,
-                                                               n_digit, rows, codes, slots, worst, block_codes, totals,
-                                                               targets, keys)
-                continue
-            for i in range(g):
-                for w in range(n_words):
-                    member_words[w, i] = words[member[begin + i], w]
+            small = g <= _SMALL_BUCKET
+            if not small:
+                for i in range(g):
+                    for w in range(n_words):
+                        member_words[w, i] = words[member[begin + i], w]
             for i in range(n_starts):
                 p = member[begin + i]
                 while later < g and member[begin + later] < p:
@@ -627,6 +614,14 @@ def _visit_segments(tables, vocab, n_digit, rows, codes, words, slots, worst, se
                 visited += kept - 1 - i + g - later
                 for span in range(n_spans):
                     j_lo, j_hi = (i + 1, kept) if span == 0 else (later, g)
+                    if small:
+                        for j in range(j_lo, j_hi):
+                            q = member[begin + j]
+                            if _pair_test(words, masks_t, p, q, min_shared):
+                                queued, scored, out = _enqueue(p, q, queue, queued, scored, out, tables, vocab,
+                                                               n_digit, rows, codes, slots, worst, block_codes, totals,
+                                                               targets, keys)
+                        continue
                     for h in range(0, n_words, 4):  # 4 words (32 digits) at a time, unrolled
                         a0, a1 = member_words[h, i], member_words[h + 1, i]
                         a2, a3 = member_words[h + 2, i], member_words[h + 3, i]
