@@ -19,7 +19,7 @@ from rpg_dist import io
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.decode.config import DecodeConfig
 from rpg_dist.decode.graph_decode import GraphDecoder, start_items
-from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.decode.scoring import full_ranking_topk, popularity_prior
 from rpg_dist.decode.transitions import Transitions, last_items, rerank
 from rpg_dist.decode.sharded import ShardedGraphDecoder
 from rpg_dist.errors import DataError
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Recommendation:
     item_id: int
-    score: float  # mean over digits of the item's token log-probabilities
+    score: float  # mean over digits of the item's token log-probabilities, plus the configured priors
     title: str
 
 
@@ -86,6 +86,7 @@ class Recommender:
         # (shard handles, (N,) partition of every item) when the lists live in GraphShards instead.
         self.shards: tuple[list, np.ndarray] | None = None
         self.version = 0  # the catalogue version served
+        self._prior: torch.Tensor | None = None  # (N,) item prior, cached; cleared when items change
 
     @classmethod
     def load(cls, run_dir: str, storage: StorageConfig | None = None, start: str | None = None,
@@ -119,7 +120,7 @@ class Recommender:
         titles = _titles(read_items(cfg.dataset, storage, columns=None), index)
         decode = dataclasses.replace(cfg.decode, start=start or cfg.decode.start, method=method or cfg.decode.method)
         counts, transitions = torch.zeros(len(index), dtype=torch.int64), None
-        if decode.start != "random" or decode.transition_weight:
+        if decode.start != "random" or decode.transition_weight or decode.popularity_weight:
             split = leave_one_out(read_sequences(cfg.dataset, storage), max_len=cfg.model.max_seq_len)
             counts = popularity(split.train, index)
             transitions = training_transitions(cfg, split.train, index)
@@ -182,7 +183,8 @@ class Recommender:
             # Withdrawn items can take places too (graph lists never hold them).
             width = min(n_items, int(need.max()) + int(self.withdrawn.sum()))
             rows, scores = self._with_prior(log_probs, items, lengths,
-                                            *full_ranking_topk(log_probs, self.model.item_codes, width))
+                                            *full_ranking_topk(log_probs, self.model.item_codes, width,
+                                                               prior=self.item_prior()))
             visited = torch.full((len(lengths),), n_items, dtype=torch.int64)
             return _keep_top(rows, scores, visited, items, exclude, k, self.withdrawn)
         beams = beam_widths(need, self.decode_cfg.num_beams, n_items)
@@ -206,7 +208,14 @@ class Recommender:
             return rows, scores
         last = last_items(items, lengths)  # (B,)
         return rerank(log_probs, self.model.item_codes, rows, scores, last, self.transitions,
-                      self.decode_cfg.transition_weight, rows.shape[1], self.withdrawn)
+                      self.decode_cfg.transition_weight, rows.shape[1], self.withdrawn, self.item_prior())
+
+    def item_prior(self) -> torch.Tensor | None:
+        """(N,) the popularity prior of every item (decode.popularity_weight), or None; items added
+        since training count 0 occurrences."""
+        if self._prior is None:
+            self._prior = popularity_prior(self.popularity, self.decode_cfg.popularity_weight)
+        return self._prior
 
     def _decode(self, log_probs: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, beams: int):
         decode = dataclasses.replace(self.decode_cfg, num_beams=beams)
@@ -243,6 +252,7 @@ class Recommender:
         titles_all = np.empty(len(all_ids), dtype=object)
         titles_all[to_row.numpy()] = np.concatenate([self.titles, np.array(list(titles), dtype=object)])
         self.popularity = _moved(self.popularity, old, len(all_ids), 0)
+        self._prior = None
         if self.transitions is not None:
             self.transitions = self.transitions.moved(old.numpy(), len(all_ids))
         self.withdrawn = _moved(self.withdrawn, old, len(all_ids), False)
@@ -262,7 +272,8 @@ class Recommender:
         self._check_local_graph()
         rows = torch.from_numpy(self.index.rows(item_ids, what="withdrawn items"))
         self.withdrawn[rows] = True
-        self.popularity[rows] = -1  # never a popular start
+        self.popularity[rows] = -1  # never a popular start (and a prior of 0: never answered anyway)
+        self._prior = None
         if self.neighbors is not None:
             self.neighbors = remove_items(self._digit_tables(), self.model.item_codes, self.neighbors, rows,
                                           ~self.withdrawn).to(torch.int32)
@@ -285,7 +296,8 @@ class Recommender:
             return ShardedGraphDecoder(*self.shards, beams, self.decode_cfg.steps)
         if beams not in self._decoders:
             self._decoders[beams] = GraphDecoder(self.model.item_codes, self.neighbors, beams,
-                                                 self.decode_cfg.steps, self.decode_cfg.chunk_size)
+                                                 self.decode_cfg.steps, self.decode_cfg.chunk_size,
+                                                 prior=self.item_prior())
         return self._decoders[beams]
 
     def _batch(self, histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

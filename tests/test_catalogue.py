@@ -189,3 +189,62 @@ def test_the_transition_prior_answers_like_its_twin_before_and_after_added_items
                           ["first", "last"])
     got = [[r.item_id for r in recs] for recs in recommender.recommend(histories, k=10, full_ranking=True)]
     assert got == twin(recommender)
+
+
+@pytest.mark.parametrize("method", ["full", "graph"])
+def test_the_popularity_prior_answers_like_its_twin_before_and_after_catalogue_changes(run_copy, method):
+    """decode.popularity_weight in `recommend`: full ranking equals scoring every item plus w * log(1 +
+    its training occurrences, counted here by item id), graph decoding returns items in that score's
+    order with those scores; added items count 0 occurrences, withdrawn ones are never answered."""
+    import yaml
+
+    from rpg_dist.config import read_run_config
+    from rpg_dist.data.dataset import read_sequences
+    from rpg_dist.data.splits import leave_one_out
+    from rpg_dist.decode.scoring import item_scores
+
+    config = Path(run_copy) / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw.setdefault("decode", {})["popularity_weight"] = 0.3
+    config.write_text(yaml.safe_dump(raw))
+    train = leave_one_out(read_sequences(read_run_config(run_copy).dataset), max_len=50).train.to_pylist()
+    occurrences: dict[int, int] = {}
+    for sequence in train:
+        for item in sequence:
+            occurrences[item] = occurrences.get(item, 0) + 1
+    histories = [s[:3] for s in train[:12] if len(s) >= 3]
+
+    def twin_scores(recommender: Recommender) -> torch.Tensor:
+        items, lengths = recommender._batch(histories)
+        with torch.no_grad():
+            scores = item_scores(recommender.model.next_token_log_probs(items, lengths), recommender.model.item_codes)
+        bonus = [np.float32(0.3 * np.log1p(occurrences.get(int(i), 0))) for i in recommender.index.item_ids]
+        return scores + torch.tensor(bonus, dtype=torch.float32)
+
+    def check(recommender: Recommender, banned: set[int]) -> None:
+        ids, scores = recommender.index.item_ids, twin_scores(recommender)
+        got = recommender.recommend(histories, k=10, full_ranking=method == "full")
+        for recs, row_scores in zip(got, scores):
+            answer = [r.item_id for r in recs]
+            assert not banned & set(answer)
+            if method == "full":
+                order = sorted(range(len(ids)), key=lambda j: (-float(row_scores[j]), j))
+                assert answer == [int(ids[j]) for j in order if int(ids[j]) not in banned][:10]
+            rows = recommender.index.rows(np.array(answer))
+            assert [r.score for r in recs] == [float(row_scores[j]) for j in rows]  # the prior's scores
+            assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+
+    recommender = Recommender.load(run_copy, method=method)
+    assert recommender.item_prior() is not None
+    check(recommender, set())
+    if method == "graph":  # a graph shard (as `serve --graph sharded` starts one) computes its rows' prior itself
+        from rpg_dist.decode.sharded import GraphShard
+
+        shard = GraphShard(len(recommender.index))
+        shard.load_partition(run_copy, 0, with_prior=True)
+        assert len(shard.rows) and torch.equal(shard.prior, recommender.item_prior()[shard.rows])
+    popular = max(occurrences, key=occurrences.get)
+    recommender.add_items(np.array([0, 6001]), np.zeros((2, recommender.model.item_codes.shape[1]), np.int16),
+                          ["first", "last"])
+    recommender.withdraw(np.array([popular]))
+    check(recommender, {popular})

@@ -145,6 +145,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ({"tokenize": {"pca_dim": 100}}, "tokenize.pca_dim: 100 is not divisible by n_digit (32)"),
         ({"prepare": {"format": "amazon2014", "input": "x"}}, "prepare.category: required"),
         ({"model": {"embd_dropout": 1.5}}, "model.embd_dropout: must be in [0, 1)"),
+        ({"decode": {"popularity_weight": -0.5}}, "decode.popularity_weight: must be a finite number >= 0, got -0.5"),
+        ({"decode": {"popularity_weight": float("nan")}}, "decode.popularity_weight: expected a finite number, got nan"),
     ],
 )
 def test_cross_field_rules_name_the_field(data, message):

@@ -21,6 +21,7 @@ from rpg_dist.decode.scoring import (
     full_ranking_topk,
     item_scores,
     pair_scores,
+    popularity_prior,
 )
 from rpg_dist.decode.topk import key_rows, key_scores, merge_topk, ranking_keys
 
@@ -72,6 +73,13 @@ def test_candidate_and_pair_scores_are_bit_identical_to_item_scores():
     queries = torch.randint(0, 5, (123,))
     items = torch.randint(0, 300, (123,))
     assert torch.equal(pair_scores(log_probs, queries, codes[items]), dense[queries, items])
+    # With an item prior, every scorer adds it after the mean: still bit-identical.
+    prior = popularity_prior(torch.randint(0, 50, (300,)), 0.7)
+    dense = item_scores(log_probs, codes, prior)
+    assert torch.equal(candidate_scores(log_probs, codes, rows, prior=prior), dense.gather(1, rows))
+    assert torch.equal(candidate_scores(log_probs, codes.t().contiguous(), rows, row_major=False, prior=prior),
+                       dense.gather(1, rows))
+    assert torch.equal(pair_scores(log_probs, queries, codes[items], prior[items]), dense[queries, items])
 
 
 @pytest.mark.parametrize("dyadic", [True, False])
@@ -83,6 +91,25 @@ def test_full_ranking_blockwise_equals_twin(dyadic, block):
     ref_rows, ref_scores = full_ranking_reference(log_probs, codes, k=15)
     assert torch.equal(rows, ref_rows)
     assert torch.equal(scores, ref_scores)
+
+
+@pytest.mark.parametrize("block", [1, 7, 1000])
+def test_full_ranking_with_the_popularity_prior_equals_twin(block):
+    """score + w * log(1 + count): the blocked scan against every item scored from the definition;
+    counts of 0 to a few hundred (and -1, a withdrawn item's mark, counted as 0)."""
+    log_probs = _log_probs(6, 4, 8, seed=4)
+    codes = torch.randint(0, 8, (200, 4), dtype=torch.int16)
+    counts = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(4))
+    counts[::17] = 0
+    counts[5] = -1
+    prior = popularity_prior(counts, 0.4)
+    rows, scores = full_ranking_topk(log_probs, codes, k=15, block_size=block, prior=prior)
+    ref_rows, ref_scores = full_ranking_reference(log_probs, codes, k=15, counts=counts.tolist(), weight=0.4)
+    assert torch.equal(rows, ref_rows)
+    assert torch.equal(scores, ref_scores)
+    plain_rows, _ = full_ranking_topk(log_probs, codes, k=15, block_size=block)
+    assert not torch.equal(rows, plain_rows)  # the prior changes the ranking on this data
+    assert popularity_prior(counts, 0.0) is None
 
 
 def test_random_start_items_distinct_seeded_and_uniform():
@@ -115,15 +142,18 @@ def _random_graph(n_items: int, n_edges: int, gen: torch.Generator) -> torch.Ten
     return neighbors
 
 
-def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k, kernel="auto"):
-    result = GraphDecoder(codes, neighbors, num_beams, steps, kernel=kernel).decode(log_probs, start, top_k)
+def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k, kernel="auto", prior=None):
+    result = GraphDecoder(codes, neighbors, num_beams, steps, kernel=kernel, prior=prior).decode(log_probs, start,
+                                                                                               top_k)
     beams, visited = graph_decode_reference(
-        log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps
+        log_probs, codes, neighbors.tolist(), start.tolist(), num_beams, steps,
+        None if prior is None else prior.tolist(),
     )
     assert result.items.tolist() == [beam[:top_k] for beam in beams]
     assert result.n_visited.tolist() == visited
-    dense = item_scores(log_probs, codes)
+    dense = item_scores(log_probs, codes, prior)
     assert torch.equal(result.scores, dense.gather(1, result.items) + 0.0)
+    return result
 
 
 @settings(max_examples=60, deadline=None)
@@ -135,9 +165,10 @@ def _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, to
     dyadic=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
     kernel=st.sampled_from(["numba", "torch"]),
+    with_prior=st.booleans(),
     data=st.data(),
 )
-def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, seed, kernel, data):
+def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, seed, kernel, with_prior, data):
     gen = torch.Generator().manual_seed(seed)
     num_beams = data.draw(st.integers(1, n_items))
     top_k = data.draw(st.integers(1, num_beams))
@@ -146,7 +177,10 @@ def test_graph_decode_equals_loop_twin(n_items, n_edges, batch, steps, dyadic, s
     log_probs = _log_probs(batch, n_digit, vocab, seed, dyadic)
     neighbors = _random_graph(n_items, n_edges, gen)
     start = random_start_items(batch, n_items, num_beams, gen)
-    _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k, kernel)
+    # A prior on the log-probs' grid (dyadic: ties stay frequent) or from counts, as the configs make it.
+    counts = torch.randint(0, 4, (n_items,), generator=gen)
+    prior = (counts.float() / 4 if dyadic else popularity_prior(counts, 0.3)) if with_prior else None
+    _check_against_twin(log_probs, codes, neighbors, start, num_beams, steps, top_k, kernel, prior)
 
 
 @pytest.mark.parametrize("kernel", ["numba", "torch"])
@@ -161,7 +195,10 @@ def test_graph_decode_larger_graph_equals_twin(kernel):
     neighbors = (torch.arange(3000).unsqueeze(1) + 1 + offsets) % 3000
     log_probs = _log_probs(16, 16, 64, seed=11)
     start = random_start_items(16, 3000, 20, gen)
-    _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10, kernel)
+    plain = _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10, kernel)
+    prior = popularity_prior(torch.randint(0, 1000, (3000,), generator=gen), 0.5)
+    with_prior = _check_against_twin(log_probs, codes, neighbors, start, 20, 3, 10, kernel, prior)
+    assert not torch.equal(with_prior.items, plain.items)
 
 
 def test_graph_decode_finds_best_item_reachable_in_one_step():

@@ -9,6 +9,7 @@ import torch
 from rpg_dist.artifacts import RunPaths
 from rpg_dist.config import config_from_dict
 from rpg_dist.decode.graph_decode import GraphDecoder, history_start_items, random_start_items
+from rpg_dist.decode.scoring import popularity_prior
 from rpg_dist.decode.sharded import MAX_OPEN_BATCHES, GraphShard, ShardedGraphDecoder, _top_per_query
 from rpg_dist.decode.topk import MIN_KEY, key_rows, ranking_keys
 from rpg_dist.graph.stage import build_graph
@@ -33,8 +34,8 @@ def test_top_per_query_by_hand():
     assert (top[2] == MIN_KEY).all()
 
 
-@pytest.mark.parametrize("n_parts", [1, 3])
-def test_sharded_equals_single_process(ray_local, n_parts):
+@pytest.mark.parametrize("n_parts,with_prior", [(1, False), (3, False), (3, True)])
+def test_sharded_equals_single_process(ray_local, n_parts, with_prior):
     gen = torch.Generator().manual_seed(n_parts)
     n_items, n_digit, vocab = 2000, 8, 32
     codes = torch.randint(0, vocab, (n_items, n_digit), generator=gen, dtype=torch.int16)
@@ -42,10 +43,15 @@ def test_sharded_equals_single_process(ray_local, n_parts):
     partition = torch.randint(0, n_parts, (n_items,), generator=gen).numpy()
     log_probs = torch.log_softmax(torch.randn(12, n_digit, vocab, generator=gen) * 2, dim=-1)
     start = random_start_items(12, n_items, 10, gen)
-    sharded = ShardedGraphDecoder.from_arrays(codes.numpy(), neighbors.numpy(), partition, 10, steps=3)
+    # Each shard adds its own rows' prior: the same scores as the single process's (N,) prior.
+    prior = popularity_prior(torch.randint(0, 500, (n_items,), generator=gen), 0.5) if with_prior else None
+    sharded = ShardedGraphDecoder.from_arrays(codes.numpy(), neighbors.numpy(), partition, 10, steps=3, prior=prior)
     try:
         got = sharded.decode(log_probs, start, top_k=7)
-        expected = GraphDecoder(codes, neighbors, 10, steps=3).decode(log_probs, start, top_k=7)
+        expected = GraphDecoder(codes, neighbors, 10, steps=3, prior=prior).decode(log_probs, start, top_k=7)
+        if with_prior:
+            plain = GraphDecoder(codes, neighbors, 10, steps=3).decode(log_probs, start, top_k=7)
+            assert not torch.equal(plain.items, expected.items)
         assert torch.equal(got.items, expected.items)
         assert torch.equal(got.scores, expected.scores)
         assert torch.equal(got.n_visited, expected.n_visited)

@@ -85,19 +85,28 @@ def _cfg(run_dir: str, dataset: str, **decode):
 
 
 def _brute_force_full_ranking(model: RPG, dataset: str, index: ItemIndex, split: str,
-                              prior: tuple[float, int] = (0.0, 1)) -> dict[str, float]:
+                              prior: tuple[float, int] = (0.0, 1), popularity_weight: float = 0.0
+                              ) -> dict[str, float]:
     """One query at a time: score every item, argsort, find the target. ``prior``: (transition
-    weight, successors kept), the counts taken from the training sequences as the definition says."""
+    weight, successors kept), the counts taken from the training sequences as the definition says;
+    ``popularity_weight``: w * log(1 + the item's occurrences in those sequences), counted here."""
     loo = leave_one_out(read_sequences(dataset), max_len=50)
     examples = getattr(loo, split)
     weight, max_successors = prior
     successors = twin_successors([index.rows(np.array(s)).tolist() for s in loo.train.to_pylist()], max_successors)
+    occurrences = np.zeros(len(index))
+    for sequence in loo.train.to_pylist():
+        for item in sequence:
+            occurrences[index.rows(np.array([item]))[0]] += 1
+    popular = torch.tensor(np.float32(popularity_weight * np.log1p(occurrences)), dtype=torch.float32)
     ranks = []
     with torch.no_grad():
         for history, target in zip(examples.histories.to_pylist(), examples.targets.tolist()):
             rows = torch.from_numpy(index.rows(np.array(history))).unsqueeze(0)
             lp = model.next_token_log_probs(rows, torch.tensor([len(history)]))
             scores = item_scores(lp, model.item_codes)[0]
+            if popularity_weight:
+                scores = scores + popular
             for item, bonus in successors.get(int(rows[0, -1]), []) if weight else []:
                 scores[item] = scores[item] + weight * torch.tensor(bonus, dtype=torch.float32)
             scores = scores.numpy()
@@ -154,15 +163,38 @@ def test_evaluate_with_the_transition_prior_equals_brute_force(tmp_path, synth_d
     assert metrics["decode"]["transition_weight"] == 2.0
 
 
-@pytest.mark.parametrize("transition_weight", [0.0, 1.0])
+def test_evaluate_with_the_popularity_prior_equals_brute_force(tmp_path, synth_dataset, ray_local):
+    """decode.popularity_weight: full ranking equals scoring every item plus w * log(1 + its training
+    occurrences); sharded decoding equals in-process decoding with it; the transition prior on top."""
+    run_dir = str(tmp_path / "run")
+    model = _tiny_untrained_run(run_dir, synth_dataset)
+    build_graph(_cfg(run_dir, synth_dataset))
+    metrics = evaluate(_cfg(run_dir, synth_dataset, popularity_weight=0.05))
+    index = load_semantic_ids(RunPaths(run_dir).semantic_ids).index
+    for split in ("val", "test"):
+        expected = _brute_force_full_ranking(model, synth_dataset, index, split, popularity_weight=0.05)
+        without = _brute_force_full_ranking(model, synth_dataset, index, split)
+        assert metrics[f"{split}_full_ranking"]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
+        assert metrics[f"{split}_full_ranking"]["recall@10"] == pytest.approx(expected["recall@10"])
+        assert expected["ndcg@10"] != without["ndcg@10"]  # the prior matters on this data
+    sharded = evaluate(_cfg(run_dir, synth_dataset, popularity_weight=0.05, sharded=True))
+    for split in ("val", "test"):
+        for key in ("recall@10", "ndcg@10", "n_visited_items"):
+            assert sharded[split][key] == metrics[split][key]
+    both = evaluate(_cfg(run_dir, synth_dataset, popularity_weight=0.05, transition_weight=2.0, max_successors=3))
+    expected = _brute_force_full_ranking(model, synth_dataset, index, "test", prior=(2.0, 3), popularity_weight=0.05)
+    assert both["test_full_ranking"]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
+
+
+@pytest.mark.parametrize("transition_weight,popularity_weight", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.05)])
 def test_graph_decoding_with_every_item_in_the_beam_equals_full_ranking(tmp_path, synth_dataset, ray_local,
-                                                                         transition_weight):
+                                                                         transition_weight, popularity_weight):
     # b = N: the beam holds the whole catalogue, so decoding must rank exactly like full ranking.
     run_dir = str(tmp_path / "run")
     _tiny_untrained_run(run_dir, synth_dataset)
     n_items = read_info(synth_dataset).n_items
     cfg = _cfg(run_dir, synth_dataset, num_beams=n_items, steps=1, batch_size=64,
-               transition_weight=transition_weight)
+               transition_weight=transition_weight, popularity_weight=popularity_weight)
     build_graph(cfg)
     metrics = evaluate(cfg)
     for split in ("val", "test"):

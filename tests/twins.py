@@ -33,13 +33,19 @@ def dense_neighbors(tables: torch.Tensor, codes: torch.Tensor, n_edges: int) -> 
     return out
 
 
-def full_ranking_reference(log_probs: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every item scored by a loop over digits (mean of its tokens' log-probabilities), then a stable
-    descending sort: the lower row first among equal scores."""
+def full_ranking_reference(log_probs: torch.Tensor, codes: torch.Tensor, k: int, counts=None, weight: float = 0.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every item scored by a loop over digits (mean of its tokens' log-probabilities), plus
+    ``weight * log(1 + counts[n])`` when ``counts`` (N,) training occurrences are given (the
+    popularity prior, rounded to float32 once), then a stable descending sort: the lower row first
+    among equal scores."""
     total = log_probs[:, 0][:, codes[:, 0].long()]  # (B, N)
     for d in range(1, codes.shape[1]):
         total = total + log_probs[:, d][:, codes[:, d].long()]
     scores = total / codes.shape[1]
+    if counts is not None:
+        prior = [np.float32(weight * np.log1p(float(max(c, 0)))) for c in list(counts)]
+        scores = scores + torch.tensor(prior, dtype=torch.float32)
     order = torch.sort(scores + 0.0, dim=1, descending=True, stable=True).indices[:, :k]
     return order, scores.gather(1, order)
 
@@ -91,8 +97,10 @@ def graph_decode_reference(
     start: list[list[int]],
     num_beams: int,
     steps: int,
+    prior: list[float] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
-    """Brute-force twin: plain loops over queries and items with Python sets and dicts.
+    """Brute-force twin: plain loops over queries and items with Python sets and dicts; ``prior``
+    (one float32 value per item) is added to each item's mean log-probability.
 
     Scores are computed item by item with numpy float32 scalars, adding the digits in the same
     order as the vectorised scorers, so they are bit-identical to them whenever dividing by ``m``
@@ -115,7 +123,8 @@ def graph_decode_reference(
                 total = np.float32(0.0)
                 for k, token in enumerate(item_codes[item].tolist()):
                     total = np.float32(total + digits[k, token])
-                cache[item] = float(total / n_digit) + 0.0
+                mean = np.float32(total / n_digit)
+                cache[item] = float(mean if prior is None else np.float32(mean + np.float32(prior[item]))) + 0.0
             return cache[item]
 
         def rank(items: set[int]) -> list[int]:

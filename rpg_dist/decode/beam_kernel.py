@@ -16,8 +16,8 @@ kernel does differently is only cost:
   across items: each sum still adds its digits in order, but the items' add chains are independent
   and overlap (5.5x the one-item-at-a-time kernel on Beauty, BENCHMARKS.md).
 
-Scores add the digits in order in float32 and divide by m, exactly as ``scoring.candidate_scores``:
-results are bit-identical to the tensor formulation (tests/test_decode.py holds both to the twin).
+Scores add the digits in order in float32, divide by m and add the item's prior when there is one,
+exactly as ``scoring.candidate_scores``: results are bit-identical to the tensor formulation (tests/test_decode.py holds both to the twin).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Workspace:
 
 
 def decode_chunk(log_probs: np.ndarray, codes: np.ndarray, neighbors: np.ndarray, start: np.ndarray, steps: int,
-                 workspace: Workspace) -> tuple[np.ndarray, np.ndarray]:
+                 workspace: Workspace, prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``c`` queries.
 
     Args:
@@ -65,6 +65,7 @@ def decode_chunk(log_probs: np.ndarray, codes: np.ndarray, neighbors: np.ndarray
         start: (c, b) int64 distinct start rows.
         steps: q.
         workspace: this thread's ``Workspace`` (never shared by two running calls).
+        prior: (N,) float32 added to each item's score, or (0,): none.
 
     Returns:
         (c, b) int64 beam keys, best first, and (c,) int64 distinct items scored per query.
@@ -74,12 +75,12 @@ def decode_chunk(log_probs: np.ndarray, codes: np.ndarray, neighbors: np.ndarray
     keys = np.empty((c, b), np.int64)
     visited = np.empty(c, np.int64)
     _decode(log_probs, codes, neighbors, start, steps, workspace.seen, workspace.in_step, workspace.scores,
-            first, keys, visited)
+            first, keys, visited, prior)
     return keys, visited
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, first, keys, visited):
+def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, first, keys, visited, prior):
     c, b = start.shape
     k = neighbors.shape[1]
     n_digit = codes.shape[1]
@@ -96,7 +97,7 @@ def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, fi
         top[:] = MIN_KEY
         step_stamp = query_stamp + 1
         count = _round(start[q], lp, codes, vocab, divisor, seen, in_step, cached, query_stamp, step_stamp,
-                       top, batch, fresh, sums)
+                       top, batch, fresh, sums, prior)
         for step in range(steps):
             step_stamp = query_stamp + 2 + step
             for j in range(b):
@@ -106,21 +107,22 @@ def _decode(log_probs, codes, neighbors, start, steps, seen, in_step, cached, fi
                 # A beam item, then its list: one round each (the same candidates in the same order
                 # as offering them one by one; the top-b of distinct keys does not depend on order).
                 count += _round(beam[j : j + 1], lp, codes, vocab, divisor, seen, in_step, cached, query_stamp,
-                                step_stamp, top, batch, fresh, sums)
+                                step_stamp, top, batch, fresh, sums, prior)
                 count += _round(neighbors[beam[j]], lp, codes, vocab, divisor, seen, in_step, cached,
-                                query_stamp, step_stamp, top, batch, fresh, sums)
+                                query_stamp, step_stamp, top, batch, fresh, sums, prior)
         visited[q] = count
 
 
 @njit(inline="always", boundscheck=False)
 def _round(items, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp, step_stamp, top, batch, fresh,
-           sums):
+           sums, prior):
     """Offer ``items`` (-1 = none) to this step's top-b, each once per step; returns how many were
     scored for the first time in this query.
 
     The new items are scored together, digit by digit across items: each item's sum still adds its
     digits in order (float32, then / m, as ``scoring.candidate_scores``), but the items' chains are
-    independent, so the CPU overlaps them instead of waiting on one add after another.
+    independent, so the CPU overlaps them instead of waiting on one add after another. ``prior``
+    (N,) is added after the division, or (0,) for none.
     """
     n_batch, n_fresh = 0, 0
     for i in range(items.shape[0]):
@@ -142,6 +144,9 @@ def _round(items, lp, codes, vocab, divisor, seen, in_step, cached, query_stamp,
     for i in range(n_fresh):
         cached[fresh[i]] = np.float32(sums[i] / divisor)
         seen[fresh[i]] = query_stamp
+    if prior.shape[0]:
+        for i in range(n_fresh):
+            cached[fresh[i]] = np.float32(cached[fresh[i]] + prior[fresh[i]])
     size = top.shape[0]
     for i in range(n_batch):
         item = batch[i]

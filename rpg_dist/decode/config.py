@@ -42,6 +42,12 @@ class DecodeConfig:
     # (benchmarks/transition_weight.py): on Beauty 1.5-2 lifts test NDCG@10 by 23-25 %.
     transition_weight: float = 0.0
     max_successors: int = 100
+    # Popularity prior (not in the paper; decode/scoring.py popularity_prior): w in score + w * log(1 +
+    # the item's occurrences in the training sequences), added to every item's score by full ranking
+    # and graph decoding alike. RPG scores an item only through its codes, so it cannot tell a
+    # bestseller from a rarely bought item with similar codes. 0 is the paper's score; choose w on
+    # validation (benchmarks/transition_weight.py --prior popularity): BENCHMARKS.md "Popularity prior".
+    popularity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -58,6 +64,8 @@ class DecodeConfig:
             raise ConfigError("full_ranking_max_items: must be >= 0")
         if not 0 <= self.transition_weight < float("inf"):
             raise ConfigError(f"transition_weight: must be a finite number >= 0, got {self.transition_weight}")
+        if not 0 <= self.popularity_weight < float("inf"):
+            raise ConfigError(f"popularity_weight: must be a finite number >= 0, got {self.popularity_weight}")
         if self.max_successors < 1:
             raise ConfigError("max_successors: must be >= 1")
 

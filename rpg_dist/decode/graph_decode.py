@@ -154,6 +154,7 @@ class GraphDecoder:
         chunk_size: queries decoded together.
         threads: chunks decoded concurrently (default: torch's intra-op thread count).
         kernel: "auto" (numba on CPU, else torch), "numba" or "torch".
+        prior: (N,) float32 added to every item's score (``scoring.popularity_prior``), or None.
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class GraphDecoder:
         chunk_size: int = 16,
         threads: int | None = None,
         kernel: str = "auto",
+        prior: torch.Tensor | None = None,
     ) -> None:
         if neighbors.shape[0] != codes.shape[0]:
             raise ValueError(f"neighbors has {neighbors.shape[0]} rows but codes {codes.shape[0]}")
@@ -179,9 +181,13 @@ class GraphDecoder:
         codes = codes.to(torch.int16)
         self.codes = codes.contiguous() if self.row_major else codes.t().contiguous()  # (N, m) or (m, N)
         self.neighbors = neighbors
+        if prior is not None and prior.shape != (codes.shape[0],):
+            raise ValueError(f"prior has shape {tuple(prior.shape)}, expected ({codes.shape[0]},)")
+        self.prior = None if prior is None else prior.to(torch.float32)
         if self.kernel == "numba":
             self._np_codes = self.codes.numpy()
             self._np_neighbors = np.ascontiguousarray(neighbors.numpy(), dtype=np.int32)
+            self._np_prior = np.empty(0, np.float32) if prior is None else self.prior.contiguous().numpy()
             self._workspaces: queue.SimpleQueue = queue.SimpleQueue()  # one per running chunk, reused
         self.num_beams = num_beams
         self.steps = steps
@@ -237,7 +243,8 @@ class GraphDecoder:
             workspace = beam_kernel.Workspace(self.n_items)
         try:
             keys, visited = beam_kernel.decode_chunk(log_probs.numpy(), self._np_codes, self._np_neighbors,
-                                                     start.contiguous().numpy(), self.steps, workspace)
+                                                     start.contiguous().numpy(), self.steps, workspace,
+                                                     self._np_prior)
         finally:
             self._workspaces.put(workspace)
         return torch.from_numpy(keys), torch.from_numpy(visited)
@@ -279,7 +286,8 @@ class GraphDecoder:
     def _scores(self, log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(c, m*V) log-probs, (c, C) rows -> (c, C) scores (scoring.candidate_scores)."""
         n_digit = self.codes.shape[1] if self.row_major else self.codes.shape[0]
-        return candidate_scores(log_probs.view(rows.shape[0], n_digit, -1), self.codes, rows, self.row_major)
+        return candidate_scores(log_probs.view(rows.shape[0], n_digit, -1), self.codes, rows, self.row_major,
+                                self.prior)
 
 
 class _VisitedCounter:

@@ -67,6 +67,7 @@ class GraphShard:
         self.rows = torch.empty(0, dtype=torch.int64)
         self.neighbors = torch.empty(0, 0, dtype=torch.int32)
         self.codes = torch.empty(0, 0, dtype=torch.int16)
+        self.prior: torch.Tensor | None = None  # (n_p,) float32 item prior of these rows, or None
         self.batches: dict[str, _Batch] = {}
 
     def set_items(self, rows: np.ndarray, neighbors: np.ndarray, codes: np.ndarray) -> int:
@@ -76,15 +77,31 @@ class GraphShard:
         self.codes = torch.from_numpy(np.array(codes, np.int16))
         return len(self.rows)
 
-    def load_partition(self, run_dir: str, partition: int, storage: StorageConfig | None = None) -> int:
-        """Read only this partition's graph parts (and its items' codes) from the run."""
+    def set_prior(self, prior: np.ndarray | None) -> int:
+        """Add ``prior`` (n_p,) float32, one value per held row in row order, to every score (None: no prior)."""
+        if prior is not None and len(prior) != len(self.rows):
+            raise ValueError(f"prior has {len(prior)} values for the shard's {len(self.rows)} items")
+        self.prior = None if prior is None else torch.from_numpy(np.array(prior, np.float32))
+        return len(self.rows)
+
+    def load_partition(self, run_dir: str, partition: int, storage: StorageConfig | None = None,
+                       with_prior: bool = False) -> int:
+        """Read only this partition's graph parts (and its items' codes) from the run; ``with_prior``:
+        also the run's item prior (decode.popularity_weight), from its training sequences."""
         from rpg_dist.artifacts import RunPaths
         from rpg_dist.graph.store import load_graph
         from rpg_dist.tokenizer.semantic_ids import load_semantic_ids
 
         semantic_ids = load_semantic_ids(RunPaths(run_dir).semantic_ids, storage)
         graph = load_graph(run_dir, semantic_ids.index, storage, partition=partition)
-        return self.set_items(graph.rows, graph.neighbors, semantic_ids.codes[graph.rows])
+        size = self.set_items(graph.rows, graph.neighbors, semantic_ids.codes[graph.rows])
+        if with_prior:
+            from rpg_dist.config import read_run_config
+            from rpg_dist.evaluation.stage import run_item_prior
+
+            prior = run_item_prior(read_run_config(run_dir, storage), semantic_ids.index)
+            self.set_prior(None if prior is None else prior[graph.rows].numpy())
+        return size
 
     def size(self) -> int:
         return len(self.rows)
@@ -116,7 +133,9 @@ class GraphShard:
         state.pending = []
         state.visited.append(packed)
         pair_queries, pair_items = packed // self.n_items, packed % self.n_items
-        scores = pair_scores(state.log_probs, pair_queries, self.codes[self._local(pair_items)])
+        local = self._local(pair_items)
+        scores = pair_scores(state.log_probs, pair_queries, self.codes[local],
+                             None if self.prior is None else self.prior[local])
         return _top_per_query(ranking_keys(scores, pair_items), pair_queries,
                               state.log_probs.shape[0], state.num_beams).numpy()
 
@@ -166,6 +185,15 @@ def _top_per_query(keys: torch.Tensor, queries: torch.Tensor, batch: int, k: int
     return torch.topk(grid, k, dim=1, sorted=True).values
 
 
+def send_prior(shards: list, partition: np.ndarray, prior: torch.Tensor | None) -> None:
+    """Give Ray actor shard p the prior of partition p's rows (ascending, as the shard holds them)."""
+    import ray
+
+    if prior is not None:
+        values = prior.to(torch.float32).numpy()
+        ray.get([s.set_prior.remote(values[partition == p]) for p, s in enumerate(shards)])
+
+
 class ShardedGraphDecoder:
     """Coordinator of one ``GraphShard`` per partition; same results as ``GraphDecoder``.
 
@@ -185,8 +213,10 @@ class ShardedGraphDecoder:
         self.step_stats: list[dict[str, Any]] = []
 
     @classmethod
-    def from_arrays(cls, codes, neighbors, partition, num_beams: int, steps: int, num_cpus: float = 0.5):
-        """Shards built from in-memory arrays (tests, benchmarks): each gets only its rows."""
+    def from_arrays(cls, codes, neighbors, partition, num_beams: int, steps: int, num_cpus: float = 0.5,
+                    prior: torch.Tensor | None = None):
+        """Shards built from in-memory arrays (tests, benchmarks): each gets only its rows (and their
+        ``prior`` values, (N,) or None)."""
         import ray
 
         partition = np.asarray(partition)
@@ -197,15 +227,17 @@ class ShardedGraphDecoder:
             loads.append(shard.set_items.remote(rows, np.asarray(neighbors)[rows], np.asarray(codes)[rows]))
             shards.append(shard)
         ray.get(loads)
+        send_prior(shards, partition, prior)
         return cls(shards, partition, num_beams, steps)
 
     @classmethod
     def from_run(cls, run_dir: str, partition: np.ndarray, num_beams: int, steps: int,
-                 storage: StorageConfig | None = None, num_cpus: float = 0.5):
+                 storage: StorageConfig | None = None, num_cpus: float = 0.5, prior: torch.Tensor | None = None):
         """Shards that each read their own partition's files from ``run_dir``.
 
         Args:
             partition: (N,) owner of every item (``graph.store.load_partitions``).
+            prior: (N,) item prior (``scoring.popularity_prior``) or None; each shard gets its rows'.
         """
         import ray
 
@@ -213,6 +245,7 @@ class ShardedGraphDecoder:
         remote = ray.remote(GraphShard).options(num_cpus=num_cpus)
         shards = [remote.remote(len(partition)) for _ in range(int(partition.max()) + 1)]
         ray.get([s.load_partition.remote(run_dir, p, storage) for p, s in enumerate(shards)])
+        send_prior(shards, partition, prior)
         return cls(shards, partition, num_beams, steps)
 
     def close(self) -> None:

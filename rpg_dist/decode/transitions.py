@@ -93,13 +93,14 @@ def count_transitions(train: pa.ListArray, rows: np.ndarray, n_items: int, max_s
 @torch.no_grad()
 def rerank(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor,
            last: torch.Tensor, transitions: Transitions, weight: float, k: int,
-           banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           banned: torch.Tensor | None = None, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` by RPG score plus the transition prior, from a decoder's ranked list.
 
     Args:
         log_probs: (B, m, V) per-digit log-probabilities (the scores' source).
         codes: (N, m) item codes.
-        rows, scores: (B, K) a decoder's items (-1 padded) and their RPG scores, K >= k.
+        rows, scores: (B, K) a decoder's items (-1 padded) and their scores, K >= k, with ``prior``
+            (N,) added (the item prior the decoder used, or None).
         last: (B,) each history's last item row.
         banned: (N,) bool, items never to return (withdrawn).
 
@@ -107,7 +108,7 @@ def rerank(log_probs: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, sco
         (B, k) rows (-1 where fewer items exist) and their scores, best first, ties by lower row.
     """
     succ, bonus = (t.to(rows.device) for t in transitions.of(last.cpu().numpy()))  # (B, S): CSR on the host
-    succ_scores = candidate_scores(log_probs, codes, succ.clamp(min=0)) + weight * bonus  # (B, S)
+    succ_scores = candidate_scores(log_probs, codes, succ.clamp(min=0), prior=prior) + weight * bonus  # (B, S)
     succ_keys = torch.where(succ >= 0, ranking_keys(succ_scores, succ.clamp(min=0)), MIN_KEY)
     if banned is not None:
         succ_keys = torch.where(banned[succ.clamp(min=0)], MIN_KEY, succ_keys)

@@ -29,7 +29,7 @@ from rpg_dist.data.dataset import read_sequences
 from rpg_dist.data.items import ItemIndex
 from rpg_dist.data.splits import EvalExamples, leave_one_out
 from rpg_dist.decode.graph_decode import GraphDecoder, popular_start_items, start_items
-from rpg_dist.decode.scoring import full_ranking_topk
+from rpg_dist.decode.scoring import full_ranking_topk, popularity_prior
 from rpg_dist.decode.transitions import Transitions, count_transitions, last_items, rerank
 from rpg_dist.errors import ConfigError
 from rpg_dist.evaluation.metrics import ranking_metrics
@@ -81,6 +81,15 @@ def popularity(train: pa.ListArray, index: ItemIndex) -> torch.Tensor:
     return torch.from_numpy(np.bincount(rows, minlength=len(index)).astype(np.int64))
 
 
+def run_item_prior(cfg: Config, index: ItemIndex) -> torch.Tensor | None:
+    """(N,) the run's popularity prior (decode.popularity_weight) from its training sequences, or None
+    when the weight is 0 (nothing read)."""
+    if not cfg.decode.popularity_weight:
+        return None
+    split = leave_one_out(read_sequences(cfg.dataset, cfg.storage), max_len=cfg.model.max_seq_len)
+    return popularity_prior(popularity(split.train, index), cfg.decode.popularity_weight)
+
+
 def training_transitions(cfg: Config, train: pa.ListArray, index: ItemIndex) -> Transitions | None:
     """The transition prior's counts from the training sequences (None when decode.transition_weight is 0)."""
     if not cfg.decode.transition_weight:
@@ -102,14 +111,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     split = leave_one_out(read_sequences(cfg.dataset, cfg.storage), max_len=cfg.model.max_seq_len)
     counts = popularity(split.train, index)
     prior = training_transitions(cfg, split.train, index)
+    item_prior = popularity_prior(counts, cfg.decode.popularity_weight)  # (N,) or None
     timings["load_s"] = time.perf_counter() - clock
-    decoder, close, neighbors = _decoder(cfg, codes, index, timings)
+    decoder, close, neighbors = _decoder(cfg, codes, index, item_prior, timings)
     metrics: dict[str, Any] = {}
     try:
         for name, examples in (("val", split.val), ("test", split.test)):
             queries = to_queries(sample_examples(examples, cfg.eval.max_users, cfg.seed), index, name)
-            graph, full = _evaluate_split(cfg, model, codes, (decoder, neighbors), (counts, prior), queries, name,
-                                          timings)
+            graph, full = _evaluate_split(cfg, model, codes, (decoder, neighbors), (counts, prior, item_prior),
+                                          queries, name, timings)
             metrics[name] = graph
             if full is not None:
                 metrics[f"{name}_full_ranking"] = full
@@ -133,7 +143,8 @@ def _item_index(cfg: Config) -> ItemIndex:
     return load_semantic_ids(RunPaths(cfg.run_dir).semantic_ids, cfg.storage).index
 
 
-def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[str, float]):
+def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, item_prior: torch.Tensor | None,
+             timings: dict[str, float]):
     """The graph decoder, its close function, and what start items read lists from: the (N, k) lists
     in process, or the decoder itself when sharded over Ray actors (this process then holds only
     the (N,) partition map)."""
@@ -149,11 +160,12 @@ def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[s
         init_ray(cfg.ray)
         decoder = ShardedGraphDecoder.from_run(cfg.run_dir, load_partitions(cfg.run_dir, index, cfg.storage),
                                                cfg.decode.num_beams, cfg.decode.steps, cfg.storage,
-                                               cfg.decode.num_cpus_per_shard)
+                                               cfg.decode.num_cpus_per_shard, item_prior)
         timings["graph_load_s"] = time.perf_counter() - clock
         return decoder, decoder.close, decoder
     neighbors = torch.from_numpy(load_graph(cfg.run_dir, index, cfg.storage).neighbors)
-    decoder = GraphDecoder(codes, neighbors, cfg.decode.num_beams, cfg.decode.steps, cfg.decode.chunk_size)
+    decoder = GraphDecoder(codes, neighbors, cfg.decode.num_beams, cfg.decode.steps, cfg.decode.chunk_size,
+                           prior=item_prior)
     timings["graph_load_s"] = time.perf_counter() - clock
     return decoder, lambda: None, neighbors
 
@@ -162,9 +174,9 @@ def _decoder(cfg: Config, codes: torch.Tensor, index: ItemIndex, timings: dict[s
 def _evaluate_split(cfg: Config, model, codes, graph_decoder, training, queries: Queries, name: str, timings):
     """Graph-decoding metrics (with n_visited_items) and full-ranking metrics of one split.
 
-    ``training``: (popularity (N,), the transition prior or None)."""
+    ``training``: (popularity (N,), the transition prior or None, the item prior (N,) or None)."""
     decoder, neighbors = graph_decoder
-    counts, prior = training
+    counts, prior, item_prior = training
     ks, top_k = cfg.eval.ks, max(cfg.eval.ks)
     generator = torch.Generator().manual_seed(cfg.decode.seed)
     graph_ranked, full_ranked, visited = [], [], []
@@ -178,13 +190,14 @@ def _evaluate_split(cfg: Config, model, codes, graph_decoder, training, queries:
         start = start_items(cfg.decode, items, lengths, neighbors, counts, codes.shape[0], generator)
         result = decoder.decode(log_probs, start, top_k)
         _add_step_stats(traffic, getattr(decoder, "step_stats", []))
-        graph_ranked.append(_with_prior(cfg, prior, log_probs, codes, result.items, result.scores, items, lengths))
+        graph_ranked.append(_with_prior(cfg, (prior, item_prior), log_probs, codes, result.items, result.scores,
+                                        items, lengths))
         visited.append(result.n_visited.numpy() + _n_successors(prior, items, lengths))
         spent["graph"] += time.perf_counter() - clock
         if cfg.eval.full_ranking:
             clock = time.perf_counter()
-            rows, scores = full_ranking_topk(log_probs, codes, top_k, cfg.eval.item_block_size)
-            full_ranked.append(_with_prior(cfg, prior, log_probs, codes, rows, scores, items, lengths))
+            rows, scores = full_ranking_topk(log_probs, codes, top_k, cfg.eval.item_block_size, item_prior)
+            full_ranked.append(_with_prior(cfg, (prior, item_prior), log_probs, codes, rows, scores, items, lengths))
             spent["full"] += time.perf_counter() - clock
     graph = ranking_metrics(np.concatenate(graph_ranked), queries.targets, ks)
     graph["n_visited_items"] = float(np.concatenate(visited).mean())
@@ -202,11 +215,14 @@ def _evaluate_split(cfg: Config, model, codes, graph_decoder, training, queries:
     return graph, full
 
 
-def _with_prior(cfg: Config, prior: Transitions | None, log_probs, codes, rows, scores, items, lengths) -> np.ndarray:
-    """(B, K) ranked rows, reranked with the transition prior when there is one."""
+def _with_prior(cfg: Config, priors, log_probs, codes, rows, scores, items, lengths) -> np.ndarray:
+    """(B, K) ranked rows, reranked with the transition prior when there is one. ``priors``: (the
+    transition prior or None, the item prior the decoder added or None)."""
+    prior, item_prior = priors
     if prior is not None:
         last = last_items(items, lengths)  # (B,)
-        rows, _ = rerank(log_probs, codes, rows, scores, last, prior, cfg.decode.transition_weight, rows.shape[1])
+        rows, _ = rerank(log_probs, codes, rows, scores, last, prior, cfg.decode.transition_weight, rows.shape[1],
+                         prior=item_prior)
     return rows.numpy()
 
 

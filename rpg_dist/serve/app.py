@@ -49,7 +49,8 @@ class GraphShardService(GraphShard):
         from rpg_dist.config import read_run_config
 
         super().__init__(n_items)
-        self.load_partition(run_dir, partition, read_run_config(run_dir).storage)
+        # The prior is computed here, so a replica that Serve restarts scores as the one it replaces.
+        self.load_partition(run_dir, partition, read_run_config(run_dir).storage, with_prior=True)
 
     def replica(self) -> str:
         """This replica's Serve id (its actor's name)."""
