@@ -183,7 +183,7 @@ class GraphDecoder:
         self.neighbors = neighbors
         if prior is not None and prior.shape != (codes.shape[0],):
             raise ValueError(f"prior has shape {tuple(prior.shape)}, expected ({codes.shape[0]},)")
-        self.prior = None if prior is None else prior.to(torch.float32)
+        self.prior = None if prior is None else prior.to(device=codes.device, dtype=torch.float32)
         if self.kernel == "numba":
             self._np_codes = self.codes.numpy()
             self._np_neighbors = np.ascontiguousarray(neighbors.numpy(), dtype=np.int32)

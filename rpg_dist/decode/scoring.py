@@ -72,6 +72,7 @@ def score_blocks(log_probs: torch.Tensor, codes: torch.Tensor, block_size: int, 
     batch, n_digit, vocab = log_probs.shape
     block = max(1, min(block_size, _SCORE_BUDGET // QUERY_BLOCK))
     tables = [lookup_tables(log_probs[lo : lo + QUERY_BLOCK]) for lo in range(0, batch, QUERY_BLOCK)]
+    prior = None if prior is None else prior.to(device=log_probs.device, dtype=torch.float32)
     for start in range(0, codes.shape[0], block):
         offsets = offset_codes(codes[start : start + block], vocab)
         block_prior = None if prior is None else prior[start : start + block]
