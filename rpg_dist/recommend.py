@@ -230,7 +230,8 @@ class Recommender:
     def use_shards(self, shards: list, partition: np.ndarray) -> None:
         """Decode through ``shards`` (a GraphShard actor or deployment per partition; ``partition``
         (N,) the owner of every item) instead of lists in this process. The catalogue is then the
-        built graph's: ``add_items`` and ``withdraw`` refuse."""
+        built graph's: ``add_items`` and ``withdraw`` refuse. The shards add the popularity prior
+        themselves (``GraphShard.load_partition(..., with_prior=True)``, as ``serve`` starts them)."""
         self.shards = (list(shards), np.asarray(partition, np.int32))
         self.neighbors = None
         self._decoders.clear()
