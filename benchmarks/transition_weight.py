@@ -74,12 +74,12 @@ def main() -> None:
     results = {}
     for weight in (float(w) for w in args.weights.split(",")):
         row = {}
+        item_prior = popularity_prior(counts, weight) if args.prior == "popularity" else None
         for name, (queries, batches) in cached.items():
             if args.prior == "transition":
                 ranked = [rerank(lp, model.item_codes, rows, scores, last, prior, weight, K)[0].numpy() if weight
                           else rows.numpy() for lp, rows, scores, last in batches]
             else:
-                item_prior = popularity_prior(counts, weight)
                 ranked = [full_ranking_topk(lp, model.item_codes, K, prior=item_prior)[0].numpy() if weight
                           else rows.numpy() for lp, rows, _, _ in batches]
             row[name] = ranking_metrics(np.concatenate(ranked), queries.targets, [K])

@@ -17,7 +17,8 @@ kernel does differently is only cost:
   and overlap (5.5x the one-item-at-a-time kernel on Beauty, BENCHMARKS.md).
 
 Scores add the digits in order in float32, divide by m and add the item's prior when there is one,
-exactly as ``scoring.candidate_scores``: results are bit-identical to the tensor formulation (tests/test_decode.py holds both to the twin).
+exactly as ``scoring.candidate_scores``: results are bit-identical to the tensor formulation
+(tests/test_decode.py holds both to the twin).
 """
 
 from __future__ import annotations
